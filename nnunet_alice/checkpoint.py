@@ -1,0 +1,168 @@
+"""Checkpoint files: atomic save, safe load, metadata. The only module that calls ``torch.save``/``torch.load``.
+
+Format (see ``docs/checkpoint.md``): a dict of tensors and plain Python values, so that
+``torch.load(path, weights_only=True)`` loads it. ``network_weights`` holds the whole planned network in
+nnU-Net's own key layout, which makes the file usable with stock ``nnUNetv2_train -pretrained_weights``.
+Next to every checkpoint a ``.sha256`` file records the digest of the bytes written; a file whose digest
+does not match is reported as corrupt instead of being loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from typing import Any, Dict, Optional
+
+import torch
+
+from nnunet_alice import __version__
+from nnunet_alice.errors import AliceError
+
+FORMAT_NAME = "nnunet_alice.checkpoint"
+FORMAT_VERSION = 1
+
+
+def sha256_of_json(obj: Any) -> str:
+    """Digest of a JSON-serialisable object in canonical form (sorted keys, no whitespace)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def sha256_of_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path: str, payload: Dict[str, Any]) -> str:
+    """Serialise ``payload`` and write it atomically, then its ``.sha256`` sidecar. Returns the digest."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(path + ".sha256", f"{digest}  {os.path.basename(path)}\n".encode())
+    return digest
+
+
+def _expected_digest(path: str) -> Optional[str]:
+    side = path + ".sha256"
+    if not os.path.isfile(side):
+        return None
+    with open(side) as f:
+        parts = f.read().split()
+    return parts[0] if parts else None
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu", verify: bool = True) -> Dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; every failure becomes a one-line :class:`AliceError`."""
+    if not os.path.isfile(path):
+        raise AliceError(f"{path}: checkpoint file not found")
+    if verify:
+        expected = _expected_digest(path)
+        if expected is not None and sha256_of_file(path) != expected:
+            raise AliceError(f"{path}: checksum mismatch with {os.path.basename(path)}.sha256 "
+                             f"(the file is truncated or corrupted)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AliceError(f"{path}: refused to load, the file contains pickled objects that are not plain "
+                         f"tensors or containers ({first[:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AliceError(f"{path}: not a readable checkpoint, truncated or corrupted ({first[:160]})") from None
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise AliceError(f"{path}: not a network checkpoint (no 'network_weights' entry)")
+    return ckpt
+
+
+def network_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """State dict of ``module`` on the CPU, unwrapped from DDP (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        if hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        elif isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            module = module.module
+        else:
+            break
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def nnssl_adaptation_plan(meta: Dict[str, Any], network: torch.nn.Module) -> Dict[str, Any]:
+    """The keys nnssl's adaptation plan carries (nnssl ``adaptation_plan.py``), filled from our metadata."""
+    def attr(name, default=None):
+        v = getattr(network, name, default)
+        return list(v) if isinstance(v, tuple) else v
+
+    return {
+        "architecture_plans": {
+            "arch_class_name": meta["network_class_name"].split(".")[-1],
+            "arch_kwargs": meta["arch_kwargs"],
+            "arch_kwargs_requiring_import": list(meta["arch_kwargs_requires_import"]),
+        },
+        "pretrain_plan": {
+            "plans_name": meta["plans_name"],
+            "configuration": meta["configuration"],
+            "spacing": meta["spacing"],
+            "patch_size": meta["patch_size"],
+            "normalization_schemes": meta["normalization_schemes"],
+            "use_mask_for_norm": meta["use_mask_for_norm"],
+        },
+        "pretrain_num_input_channels": meta["num_input_channels"],
+        "recommended_downstream_patchsize": meta["patch_size"],
+        "key_to_encoder": attr("key_to_encoder", "encoder.stages"),
+        "key_to_stem": attr("key_to_stem", "encoder.stages.0"),
+        "keys_to_in_proj": attr("keys_to_in_proj", []),
+        "key_to_lpe": attr("key_to_lpe", None),
+    }
+
+
+def make_payload(network_weights: Dict[str, torch.Tensor], metadata: Dict[str, Any],
+                 adaptation_plan: Dict[str, Any], training_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    payload = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "package_version": __version__,
+        "network_weights": network_weights,
+        "metadata": metadata,
+        "nnssl_adaptation_plan": adaptation_plan,
+    }
+    if training_state is not None:
+        payload["training_state"] = training_state
+    return payload

@@ -1,0 +1,124 @@
+"""Every pretraining setting in one object.
+
+The CLI builds a :class:`PretrainConfig`, the loop reads it, and every checkpoint records ``asdict(config)``.
+Nothing deeper in the code reads settings from the environment.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from nnunet_alice.errors import AliceError
+
+OBJECTIVES = ("alice", "mae")
+MATCHERS = ("intra", "registration", "embedding")
+CASA_TARGETS = ("teacher_encoder_ema", "teacher_decoder_shared")
+RECON_REGIONS = ("masked", "all")
+
+
+@dataclass
+class PretrainConfig:
+    # what to train on (nnU-Net identifiers)
+    dataset_name: str = ""
+    configuration: str = "3d_fullres"
+    plans: str = "nnUNetPlans"
+    unlabeled: List[str] = field(default_factory=list)
+
+    # objective and its switches (paper: Jiang et al., ICCV 2023, Sec. 3)
+    objective: str = "alice"
+    matcher: str = "intra"
+    use_cls: bool = True          # DINO cross-view CE on the pooled bottleneck ("CLS")
+    use_casa: bool = True         # CASA alignment CE between S and T
+    use_recon: bool = True        # masked image modelling through the decoder
+    casa_target: str = "teacher_encoder_ema"
+    lambda_cls: float = 1.0
+    lambda_casa: float = 1.0
+    lambda_recon: float = 10.0
+    recon_region: str = "masked"
+    augment: bool = True          # False reproduces the official code (no augmentation of the views)
+    intra_jitter: float = 0.25    # intra matcher: key-centre jitter as a fraction of the patch size
+    match_threshold: float = 0.7
+    match_tries: int = 20
+
+    # masking
+    mask_ratio: float = 0.75
+    mask_block_size: int = 16     # voxels per block edge (clipped to the patch size)
+
+    # heads and temperatures (DINO-style head, Sec. 3 / official code)
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_out_dim: int = 512
+    casa_heads: int = 8
+    student_temp: float = 0.1
+    teacher_temp: float = 0.01
+    warmup_teacher_temp: float = 0.008
+    warmup_teacher_temp_fraction: float = 0.03
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996
+    freeze_last_layer_fraction: float = 0.001
+
+    # optimisation
+    steps: Optional[int] = None
+    epochs: Optional[int] = None
+    iterations_per_epoch: int = 250
+    batch_size: Optional[int] = None   # None: the plan's batch size
+    patch_size: Optional[List[int]] = None  # None: the plan's patch size
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    grad_clip: float = 3.0
+
+    # run
+    seed: int = 12345
+    device: str = "cuda"
+    num_workers: Optional[int] = None  # None: nnUNet_n_proc_DA or a CPU-count default
+    save_every: int = 250
+    log_every: int = 10
+    compile: bool = False
+
+    def total_steps(self) -> int:
+        if self.steps is not None:
+            return int(self.steps)
+        return int(self.epochs if self.epochs is not None else 100) * self.iterations_per_epoch
+
+    def validate(self) -> "PretrainConfig":
+        def bad(msg):
+            raise AliceError(msg)
+
+        if self.objective not in OBJECTIVES:
+            bad(f"--objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.matcher not in MATCHERS:
+            bad(f"--matcher must be one of {MATCHERS}, got {self.matcher!r}")
+        if self.casa_target not in CASA_TARGETS:
+            bad(f"--casa-target must be one of {CASA_TARGETS}, got {self.casa_target!r}")
+        if self.recon_region not in RECON_REGIONS:
+            bad(f"--recon-region must be one of {RECON_REGIONS}, got {self.recon_region!r}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            bad(f"--mask-ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.mask_block_size < 1:
+            bad(f"--mask-block-size must be >= 1, got {self.mask_block_size}")
+        if self.steps is not None and self.epochs is not None:
+            bad("give either --steps or --epochs, not both")
+        if self.total_steps() < 1:
+            bad(f"the run must have at least one step, got {self.total_steps()}")
+        if self.min_lr > self.lr:
+            bad(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr}): the cosine must decay")
+        if self.objective == "mae" and not self.use_recon:
+            bad("--objective mae with --no-recon trains nothing")
+        if self.objective == "alice" and not (self.use_cls or self.use_casa):
+            bad("--objective alice needs at least one of the CLS and CASA terms; "
+                "drop --no-cls/--no-casa or use --objective mae")
+        if self.batch_size is not None and self.batch_size < 1:
+            bad(f"--batch-size must be >= 1, got {self.batch_size}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
