@@ -20,12 +20,16 @@ import numpy as np
 class CaseVolume:
     """One preprocessed case as the view sampler sees it."""
     case_id: str
-    image: np.ndarray            # (C, X, Y, Z) float32, normalised as nnU-Net's preprocessor left it
+    image: np.ndarray            # (C, X, Y, Z) float32 array-like (numpy or memory-mapped blosc2)
     spacing: Tuple[float, ...]   # mm per voxel along the array axes
 
     @property
     def shape(self) -> Tuple[int, ...]:
         return tuple(self.image.shape[1:])
+
+    def channel(self, c: int = 0) -> np.ndarray:
+        """One channel as an in-memory float32 numpy array (reads the whole channel)."""
+        return np.asarray(self.image[c], dtype=np.float32)
 
 
 class Matcher(ABC):

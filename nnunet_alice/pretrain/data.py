@@ -1,0 +1,204 @@
+"""Cases for pretraining: nnU-Net's preprocessed images (never the labels) plus an optional unlabeled pool.
+
+Reuses nnU-Net's own machinery: dataset-name resolution, ``PlansManager``/``ConfigurationManager``, the
+preprocessed blosc2 dataset class (subclassed so that only the image file is opened), and the planned
+preprocessor for ``--unlabeled`` images, which are written to a separate folder
+``$nnUNet_preprocessed/<Dataset>/alice_unlabeled/<data_identifier>/`` and never touch nnU-Net's data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from nnunet_alice.errors import AliceError
+from nnunet_alice.pretrain.matching.base import CaseVolume
+
+UNLABELED_SUBDIR = "alice_unlabeled"
+
+
+def _nnunet_path(var: str) -> str:
+    value = os.environ.get(var)
+    if not value:
+        raise AliceError(f"environment variable {var} is not set (nnU-Net needs nnUNet_raw, "
+                         f"nnUNet_preprocessed and nnUNet_results)")
+    return value
+
+
+def resolve_dataset_name(dataset: str | int) -> str:
+    """``501`` or ``Dataset501_X`` → ``Dataset501_X``, using nnU-Net's own conversion."""
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    _nnunet_path("nnUNet_preprocessed")
+    try:
+        return maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError) as e:
+        raise AliceError(f"unknown dataset {dataset!r}: not found in nnUNet_raw / nnUNet_preprocessed / "
+                         f"nnUNet_results ({str(e).splitlines()[0][:120]})") from None
+
+
+def load_plans(dataset_name: str, plans: str, configuration: str):
+    """Return ``(plans_file, PlansManager, ConfigurationManager, dataset_json)`` or raise a one-line error."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    root = os.path.join(_nnunet_path("nnUNet_preprocessed"), dataset_name)
+    plans_file = os.path.join(root, plans + ".json")
+    if not os.path.isfile(plans_file):
+        raise AliceError(f"{plans_file}: plans not found; run nnUNetv2_plan_and_preprocess -d {dataset_name} "
+                         f"(or pass the right -p)")
+    dataset_json_file = os.path.join(root, "dataset.json")
+    if not os.path.isfile(dataset_json_file):
+        raise AliceError(f"{dataset_json_file}: missing; run nnUNetv2_plan_and_preprocess -d {dataset_name}")
+    try:
+        with open(plans_file) as f:
+            plans_dict = json.load(f)
+        with open(dataset_json_file) as f:
+            dataset_json = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise AliceError(f"{plans_file}: unreadable ({e})") from None
+    pm = PlansManager(plans_dict)
+    available = list(plans_dict.get("configurations", {}).keys())
+    if configuration not in available:
+        raise AliceError(f"{plans_file}: unknown configuration {configuration!r} (available: {', '.join(available)})")
+    cm = pm.get_configuration(configuration)
+    if len(cm.patch_size) != 3:
+        raise AliceError(f"{plans_file}: configuration {configuration!r} is 2D; Alice pretrains 3D configurations")
+    return plans_file, pm, cm, dataset_json
+
+
+def _image_only_dataset_class():
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    class ImageOnlyBlosc2Dataset(nnUNetDatasetBlosc2):
+        """nnU-Net's blosc2 dataset that opens the image and properties, never the segmentation."""
+
+        def load_case(self, identifier):
+            import blosc2
+            data = blosc2.open(urlpath=os.path.join(self.source_folder, identifier + ".b2nd"), mode="r",
+                               dparams={"nthreads": 1}, **self.mmap_kwargs)
+            from batchgenerators.utilities.file_and_folder_operations import load_pickle
+            properties = load_pickle(os.path.join(self.source_folder, identifier + ".pkl"))
+            return data, None, None, properties
+
+    return ImageOnlyBlosc2Dataset
+
+
+@dataclass(frozen=True)
+class CaseRef:
+    case_id: str
+    folder: str
+    pool: str  # "nnunet" (the dataset's own preprocessed cases) or "unlabeled"
+
+    @property
+    def key(self) -> str:
+        return self.case_id if self.pool == "nnunet" else f"{UNLABELED_SUBDIR}/{self.case_id}"
+
+
+class PretrainData:
+    """The cases a pretraining run draws from, and how to open one as a :class:`CaseVolume`."""
+
+    def __init__(self, dataset_name: str, plans: str, configuration: str, unlabeled_dirs: Sequence[str] = ()):
+        self.dataset_name = dataset_name
+        self.plans_name = plans
+        self.configuration = configuration
+        self.plans_file, self.plans_manager, self.configuration_manager, self.dataset_json = load_plans(
+            dataset_name, plans, configuration)
+        self.preprocessed_root = os.path.join(_nnunet_path("nnUNet_preprocessed"), dataset_name)
+        self.spacing = tuple(float(s) for s in self.configuration_manager.spacing)
+        self.num_input_channels = len(self.dataset_json.get("channel_names", self.dataset_json.get("modality", {})))
+        self.cases: List[CaseRef] = []
+
+        folder = os.path.join(self.preprocessed_root, self.configuration_manager.data_identifier)
+        if not os.path.isdir(folder):
+            raise AliceError(f"{folder}: preprocessed data missing; run nnUNetv2_preprocess -d {dataset_name} "
+                             f"-c {configuration} -plans_name {plans}")
+        ids = sorted(i[:-5] for i in os.listdir(folder) if i.endswith(".b2nd") and not i.endswith("_seg.b2nd"))
+        if not ids and any(i.endswith(".npz") for i in os.listdir(folder)):
+            raise AliceError(f"{folder}: holds legacy .npz data; re-run preprocessing with nnunetv2>=2.6")
+        self.cases += [CaseRef(i, folder, "nnunet") for i in ids]
+        for d in unlabeled_dirs:
+            self.cases += self._prepare_unlabeled(d)
+        if not self.cases:
+            raise AliceError(f"{folder}: no preprocessed images found; run nnUNetv2_plan_and_preprocess "
+                             f"-d {dataset_name} -c {configuration}")
+        self._datasets: Dict[str, object] = {}
+
+    # ------------------------------------------------------------------ loading
+    def load(self, ref: CaseRef) -> CaseVolume:
+        ds = self._datasets.get(ref.folder)
+        if ds is None:
+            ds = self._datasets[ref.folder] = _image_only_dataset_class()(ref.folder, [c.case_id for c in self.cases
+                                                                                      if c.folder == ref.folder])
+        data, _, _, _ = ds.load_case(ref.case_id)
+        return CaseVolume(case_id=ref.key, image=data, spacing=self.spacing)
+
+    def case_keys(self) -> List[str]:
+        return [c.key for c in self.cases]
+
+    # ------------------------------------------------------------------ unlabeled pool
+    def _prepare_unlabeled(self, raw_dir: str) -> List[CaseRef]:
+        """Preprocess raw images (nnU-Net naming) with the plan's preprocessor into our own folder (cached)."""
+        file_ending = self.dataset_json["file_ending"]
+        if not os.path.isdir(raw_dir):
+            raise AliceError(f"{raw_dir}: --unlabeled folder does not exist")
+        pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(file_ending) + "$")
+        groups: Dict[str, Dict[int, str]] = {}
+        for name in sorted(os.listdir(raw_dir)):
+            if name.startswith("."):
+                continue
+            m = pattern.match(name)
+            if m is None:
+                raise AliceError(f"{os.path.join(raw_dir, name)}: does not follow nnU-Net naming "
+                                 f"<case>_<XXXX>{file_ending}")
+            groups.setdefault(m.group(1), {})[int(m.group(2))] = os.path.join(raw_dir, name)
+        if not groups:
+            raise AliceError(f"{raw_dir}: --unlabeled folder holds no images")
+        out_dir = os.path.join(self.preprocessed_root, UNLABELED_SUBDIR, self.configuration_manager.data_identifier)
+        os.makedirs(out_dir, exist_ok=True)
+        refs = []
+        for case_id, channels in groups.items():
+            if sorted(channels) != list(range(self.num_input_channels)):
+                raise AliceError(f"{raw_dir}: case {case_id} has channels {sorted(channels)}, the dataset expects "
+                                 f"{list(range(self.num_input_channels))}")
+            files = [channels[c] for c in range(self.num_input_channels)]
+            stamp = [[os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
+            stamp_file = os.path.join(out_dir, case_id + ".source.json")
+            done = os.path.isfile(os.path.join(out_dir, case_id + ".b2nd")) and os.path.isfile(stamp_file)
+            if not done or json.load(open(stamp_file)) != stamp:
+                self._preprocess_one(files, out_dir, case_id)
+                with open(stamp_file, "w") as f:
+                    json.dump(stamp, f)
+            refs.append(CaseRef(case_id, out_dir, "unlabeled"))
+        return refs
+
+    def _preprocess_one(self, files: List[str], out_dir: str, case_id: str) -> None:
+        import blosc2
+        from batchgenerators.utilities.file_and_folder_operations import write_pickle
+        from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
+        from nnunet_alice.pretrain.validation import check_image_array
+
+        cm = self.configuration_manager
+        preprocessor = cm.preprocessor_class(verbose=False)
+        try:
+            data, _, properties = preprocessor.run_case(files, None, self.plans_manager, cm, self.dataset_json)
+        except Exception as e:  # reader errors differ per format; name the file and the cause
+            raise AliceError(f"{files[0]}: cannot be read or preprocessed ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        check_image_array(data, files[0], expected_channels=self.num_input_channels)
+        blocks, chunks = comp_blosc2_params(data.shape, tuple(cm.patch_size), data.itemsize)
+        tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tmp_")
+        try:
+            blosc2.asarray(data, urlpath=os.path.join(tmp, case_id + ".b2nd"), chunks=chunks, blocks=blocks,
+                           cparams={"codec": blosc2.Codec.LZ4HC, "clevel": 5, "nthreads": 1})
+            write_pickle(properties, os.path.join(tmp, case_id + ".pkl"))
+            for ext in (".pkl", ".b2nd"):
+                os.replace(os.path.join(tmp, case_id + ext), os.path.join(out_dir, case_id + ext))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
