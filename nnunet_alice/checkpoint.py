@@ -121,7 +121,8 @@ def network_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
             module = module.module
         else:
             break
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    # no copies: tensors that share storage (nnU-Net registers the encoder twice) are then saved once
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
 
 
 def nnssl_adaptation_plan(meta: Dict[str, Any], network: torch.nn.Module) -> Dict[str, Any]:

@@ -1,0 +1,96 @@
+"""``alice_pretrain``: Alice self-supervised pretraining of the network nnU-Net planned for a dataset.
+
+Follows nnU-Net's CLI conventions (``-d`` as ID or name, ``-c``, ``-p``, ``-device``, ``--continue``).
+Multi-GPU: ``torchrun --nproc_per_node N $(which alice_pretrain) ...`` (the batch size is global).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import List, Optional
+
+from nnunet_alice.errors import AliceError, cli_main
+from nnunet_alice.pretrain.config import CASA_TARGETS, MATCHERS, OBJECTIVES, RECON_REGIONS, PretrainConfig
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="alice_pretrain", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = PretrainConfig()
+    p.add_argument("-d", dest="dataset", required=True, help="dataset ID or name (e.g. 501 or Dataset501_X)")
+    p.add_argument("-c", dest="configuration", default=d.configuration, help="nnU-Net configuration (3D)")
+    p.add_argument("-p", dest="plans", default=d.plans, help="plans identifier")
+    p.add_argument("-device", dest="device", default=d.device, choices=["cpu", "cuda"])
+    p.add_argument("--continue", dest="resume", action="store_true", help="resume from checkpoint_latest.pth")
+    p.add_argument("--unlabeled", action="append", default=[], metavar="DIR",
+                   help="extra raw images (nnU-Net naming <case>_0000<ending>); repeatable")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help="total optimisation steps")
+    g.add_argument("--epochs", type=int, help="epochs of --iterations-per-epoch steps (default 100)")
+    p.add_argument("--iterations-per-epoch", type=int, default=d.iterations_per_epoch)
+    p.add_argument("--batch-size", type=int, help="global batch size (default: the plan's)")
+    p.add_argument("--patch-size", type=int, nargs=3, help="override the plan's patch size (must fit the network)")
+
+    o = p.add_argument_group("objective (Alice, Jiang et al. ICCV 2023)")
+    o.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
+    o.add_argument("--matcher", choices=MATCHERS, default=d.matcher, help="how key views are mined")
+    o.add_argument("--no-cls", dest="use_cls", action="store_false", help="drop the DINO CLS term")
+    o.add_argument("--no-casa", dest="use_casa", action="store_false", help="drop the CASA alignment term")
+    o.add_argument("--no-recon", dest="use_recon", action="store_false", help="drop masked reconstruction")
+    o.add_argument("--casa-target", choices=CASA_TARGETS, default=d.casa_target)
+    o.add_argument("--lambda-cls", type=float, default=d.lambda_cls)
+    o.add_argument("--lambda-casa", type=float, default=d.lambda_casa)
+    o.add_argument("--lambda-recon", type=float, default=d.lambda_recon)
+    o.add_argument("--recon-region", choices=RECON_REGIONS, default=d.recon_region)
+    o.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no view augmentation (the official code's behaviour)")
+    o.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
+    o.add_argument("--mask-block-size", type=int, default=d.mask_block_size, help="mask block edge in voxels")
+    o.add_argument("--match-threshold", type=float, default=d.match_threshold)
+    o.add_argument("--teacher-temp", type=float, default=d.teacher_temp)
+    o.add_argument("--warmup-teacher-temp", type=float, default=d.warmup_teacher_temp)
+    o.add_argument("--student-temp", type=float, default=d.student_temp)
+    o.add_argument("--momentum-teacher", type=float, default=d.momentum_teacher)
+    o.add_argument("--head-out-dim", type=int, default=d.head_out_dim)
+
+    t = p.add_argument_group("optimisation")
+    t.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    t.add_argument("--min-lr", type=float, default=d.min_lr)
+    t.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    t.add_argument("--weight-decay-end", type=float, default=d.weight_decay_end)
+    t.add_argument("--grad-clip", type=float, default=d.grad_clip)
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--num-workers", type=int, help="data workers (default: $nnUNet_n_proc_DA or CPUs-1)")
+    t.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoint_latest.pth")
+    t.add_argument("--log-every", type=int, default=d.log_every)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    from nnunet_alice.pretrain.data import resolve_dataset_name
+
+    values = {k: v for k, v in vars(args).items() if k not in ("dataset", "resume")}
+    values["dataset_name"] = resolve_dataset_name(args.dataset)
+    values["unlabeled"] = list(args.unlabeled)
+    return PretrainConfig.from_dict(values).validate()
+
+
+@cli_main
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    from nnunet_alice.pretrain.runner import PretrainRun
+
+    try:
+        PretrainRun(config, resume=args.resume).run()
+    except AliceError:
+        raise
+    finally:
+        from nnunet_alice.pretrain import distributed as dist_utils
+        import torch.distributed as dist
+        if dist_utils.world_size() > 1:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

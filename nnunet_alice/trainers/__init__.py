@@ -1,0 +1,11 @@
+"""Trainer classes for ``nnUNetv2_train -tr <name>`` (found through nnU-Net's ``nnUNet_extTrainer``)."""
+from nnunet_alice.trainers.alice import (nnUNetTrainerAlice, nnUNetTrainerAlice_1epoch, nnUNetTrainerAlice_5epochs,
+                                         nnUNetTrainerAlice_10epochs, nnUNetTrainerAlice_20epochs,
+                                         nnUNetTrainerAlice_50epochs, nnUNetTrainerAlice_100epochs,
+                                         nnUNetTrainerAlice_250epochs, nnUNetTrainerAlice_500epochs,
+                                         nnUNetTrainerAlice_tiny)
+
+__all__ = ["nnUNetTrainerAlice", "nnUNetTrainerAlice_1epoch", "nnUNetTrainerAlice_5epochs",
+           "nnUNetTrainerAlice_10epochs", "nnUNetTrainerAlice_20epochs", "nnUNetTrainerAlice_50epochs",
+           "nnUNetTrainerAlice_100epochs", "nnUNetTrainerAlice_250epochs", "nnUNetTrainerAlice_500epochs",
+           "nnUNetTrainerAlice_tiny"]

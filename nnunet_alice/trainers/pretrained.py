@@ -1,0 +1,72 @@
+"""Find the Alice checkpoint for a trainer and load it into nnU-Net's network (encoder + decoder, strictly).
+
+Which checkpoint (first match wins):
+1. environment variable ``nnUNet_alice_pretrained``: a file path, or ``none`` to train from scratch with the
+   same schedule (a fair baseline);
+2. a top-level plans entry ``"alice_pretrained_checkpoint"`` (e.g. a checkpoint pretrained on another
+   dataset with the same plans);
+3. the convention ``$nnUNet_results/<Dataset>/AlicePretrain__<plans>__<configuration>/checkpoint_final.pth``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import torch
+
+from nnunet_alice.compat import architecture_differences, state_dict_differences, summarize, SEG_LAYER_TAG
+from nnunet_alice.errors import AliceError
+
+ENV_VAR = "nnUNet_alice_pretrained"
+PLANS_KEY = "alice_pretrained_checkpoint"
+
+
+def convention_path(dataset_name: str, plans_name: str, configuration: str) -> str:
+    root = os.environ.get("nnUNet_results", "")
+    return os.path.join(root, dataset_name, f"AlicePretrain__{plans_name}__{configuration}", "checkpoint_final.pth")
+
+
+def find_pretrained_checkpoint(plans: dict, configuration: str) -> Optional[str]:
+    """Path to load, or ``None`` when the user asked for no pretraining (``nnUNet_alice_pretrained=none``)."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return None if env.strip().lower() == "none" else env
+    if plans.get(PLANS_KEY):
+        return plans[PLANS_KEY]
+    path = convention_path(plans["dataset_name"], plans["plans_name"], configuration)
+    if not os.path.isfile(path):
+        raise AliceError(f"no Alice checkpoint at {path}; run alice_pretrain -d {plans['dataset_name']} "
+                         f"-c {configuration} -p {plans['plans_name']} first, or set {ENV_VAR}=FILE "
+                         f"(or {ENV_VAR}=none to train from scratch)")
+    return path
+
+
+def load_pretrained_into(network: torch.nn.Module, path: str, network_class_name: str, arch_kwargs: dict,
+                         num_input_channels: int, log: Callable[[str], None] = print) -> int:
+    """Check compatibility, then copy every non-segmentation tensor. Returns the number of tensors loaded."""
+    from nnunet_alice.checkpoint import load_checkpoint, sha256_of_file
+    from nnunet_alice.pretrain.model import unwrap
+
+    ckpt = load_checkpoint(path)
+    meta = ckpt.get("metadata")
+    if meta is not None:
+        diffs = architecture_differences(meta, network_class_name, arch_kwargs, num_input_channels)
+        if diffs:
+            raise AliceError(f"{path}: checkpoint does not fit this plan: {summarize(diffs)}")
+    net = unwrap(network)
+    target = net.state_dict()
+    missing, unexpected, shapes = state_dict_differences(ckpt["network_weights"], target)
+    if missing or unexpected or shapes:
+        diffs = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + shapes
+        raise AliceError(f"{path}: weights do not fit the network: {summarize(diffs)}")
+    weights = {k: v for k, v in ckpt["network_weights"].items() if SEG_LAYER_TAG not in k}
+    result = net.load_state_dict(weights, strict=False)
+    not_loaded = [k for k in result.missing_keys if SEG_LAYER_TAG not in k]
+    if not_loaded or result.unexpected_keys:
+        raise AliceError(f"{path}: load left {summarize(not_loaded + list(result.unexpected_keys))}")
+    log(f"Alice: loaded {len(weights)} of {len(target)} tensors (segmentation layers stay freshly initialised) "
+        f"from {path} (sha256 {sha256_of_file(path)})")
+    if meta is not None:
+        log(f"Alice: checkpoint pretrained with objective {meta.get('objective')} for {meta.get('step')} steps on "
+            f"{meta.get('num_cases')} cases of {meta.get('dataset_name')}")
+    return len(weights)
