@@ -69,10 +69,33 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
         raise
 
 
+def to_plain(obj: Any) -> Any:
+    """Tensors stay; numpy scalars/arrays become Python numbers/lists; containers are converted recursively.
+
+    This keeps every checkpoint loadable with ``weights_only=True`` (numpy objects are not allow-listed).
+    """
+    import numpy as np
+
+    if isinstance(obj, np.generic):  # before the str check: np.str_ is a str subclass
+        return obj.item()
+    if isinstance(obj, torch.Tensor) or obj is None or type(obj) in (bool, int, float, str):
+        return obj
+    for plain in (bool, str, int, float):  # subclasses (enums, numpy strings) become the plain type
+        if isinstance(obj, plain):
+            return plain(obj)
+    if isinstance(obj, dict):
+        return {to_plain(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"cannot store {type(obj).__name__} in a weights-only checkpoint")
+
+
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> str:
     """Serialise ``payload`` and write it atomically, then its ``.sha256`` sidecar. Returns the digest."""
     buf = io.BytesIO()
-    torch.save(payload, buf)
+    torch.save(to_plain(payload), buf)
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(path, data)
