@@ -22,10 +22,14 @@ from pathlib import Path
 
 import pytest
 
+import nnunet_alice
 from nnunet_alice import discovery
 
-REPO = Path(__file__).resolve().parents[1]
-EXT = REPO / "nnunet_alice" / "_ext"
+REPO = Path(__file__).resolve().parents[1]  # the checkout: source of the install tests
+# The package this interpreter imported (the start-up hook of an installed copy
+# may have imported it before pytest could put REPO first on sys.path).
+PKG_ROOT = Path(nnunet_alice.__file__).resolve().parents[1]
+EXT = PKG_ROOT / "nnunet_alice" / "_ext"
 SHIM = "nnunet_alice_trainers"
 PTH_SOURCE = REPO / "nnunet_alice.pth"
 ENV, OPT_OUT = discovery.ENV_VAR, discovery.OPT_OUT_VAR
@@ -125,8 +129,8 @@ def hook_result(**extra):
     """nnUNet_extTrainer seen by a fresh interpreter after importing the hook."""
     code = ("import os, nnunet_alice._bootstrap; "
             f"print(os.environ.get({ENV!r}, '<unset>'))")
-    env = clean_env(PYTHONPATH=str(REPO), **extra)
-    return run([sys.executable, "-c", code], env=env, cwd=REPO.parent).stdout.strip()
+    env = clean_env(PYTHONPATH=str(PKG_ROOT), **extra)
+    return run([sys.executable, "-c", code], env=env, cwd=PKG_ROOT.parent).stdout.strip()
 
 
 def test_bootstrap_in_fresh_interpreter():
@@ -156,13 +160,13 @@ def test_bootstrap_is_stdlib_only():
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import os, nnunet_alice._bootstrap; "
             "heavy = [m for m in ('torch', 'numpy', 'nnunetv2') if m in sys.modules]; "
             f"print(heavy, os.environ.get({ENV!r}))")
-    out = run([sys.executable, "-I", "-S", "-c", code, REPO]).stdout.strip()
+    out = run([sys.executable, "-I", "-S", "-c", code, PKG_ROOT]).stdout.strip()
     assert out == f"[] {EXT}"
 
 
 def test_ext_path_cli_prints_shim_folder():
     outputs = [run([sys.executable, "-m", "nnunet_alice.discovery"],
-                   env=clean_env(PYTHONPATH=str(REPO))).stdout]
+                   env=clean_env(PYTHONPATH=str(PKG_ROOT))).stdout]
     script = Path(sys.executable).with_name("nnunet_alice_ext_path")
     if script.exists():  # installed environment (CI): the console script too
         outputs.append(run([script]).stdout)
@@ -190,8 +194,8 @@ def test_shim_reexports_trainers():
 def test_nnunet_lookup_finds_alice_trainer():
     code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f; "
             "c = f('nnUNetTrainerAlice'); print('FOUND', c.__module__, c.__name__)")
-    env = clean_env(PYTHONPATH=str(REPO), **{ENV: str(EXT), "nnUNet_n_proc_DA": "0"})
-    out = run([sys.executable, "-c", code], env=env, cwd=REPO.parent).stdout
+    env = clean_env(PYTHONPATH=str(PKG_ROOT), **{ENV: str(EXT), "nnUNet_n_proc_DA": "0"})
+    out = run([sys.executable, "-c", code], env=env, cwd=PKG_ROOT.parent).stdout
     assert "FOUND nnunet_alice.trainers" in out and out.strip().endswith("nnUNetTrainerAlice")
 
 
