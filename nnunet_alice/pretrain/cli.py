@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--warmup-teacher-temp", type=float, default=d.warmup_teacher_temp)
     o.add_argument("--student-temp", type=float, default=d.student_temp)
     o.add_argument("--momentum-teacher", type=float, default=d.momentum_teacher)
-    o.add_argument("--head-out-dim", type=int, default=d.head_out_dim)
+    o.add_argument("--head-out-dim", type=int, default=d.head_out_dim, help="prototypes K")
+    o.add_argument("--head-hidden-dim", type=int, default=d.head_hidden_dim)
+    o.add_argument("--head-bottleneck-dim", type=int, default=d.head_bottleneck_dim)
 
     t = p.add_argument_group("optimisation")
     t.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")

@@ -9,7 +9,6 @@ import numpy as np
 
 LOSS_KEYS = ("loss", "cls", "casa", "recon")
 MONITOR_KEYS = ("teacher_entropy", "kl_uniform")
-SCHEDULE_KEYS = ("lr", "momentum", "teacher_temp")
 
 
 class RunLog:
@@ -61,7 +60,8 @@ class RunLog:
 
         steps = np.array([h["step"] for h in self.history])
         fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-        panels = [(axes[0, 0], LOSS_KEYS, "loss terms", True), (axes[0, 1], SCHEDULE_KEYS, "schedules", False),
+        panels = [(axes[0, 0], LOSS_KEYS, "loss terms", True),
+                  (axes[0, 1], ("lr", "teacher_temp"), "lr, teacher temperature (momentum: right axis)", True),
                   (axes[1, 0], MONITOR_KEYS, "teacher monitors (collapse: entropy→0 or KL→0)", False),
                   (axes[1, 1], ("vol/s", "fallback_rate"), "throughput (vol/s), matcher fallback rate", False)]
         for ax, keys, title, logy in panels:
@@ -75,6 +75,11 @@ class RunLog:
             ax.set_xlabel("step")
             if ax.lines:
                 ax.legend(loc="best", fontsize=8)
+        mom = np.array([h.get("momentum", np.nan) for h in self.history], dtype=float)
+        if np.isfinite(mom).any():
+            twin = axes[0, 1].twinx()
+            twin.plot(steps, mom, color="gray", linestyle="--", label="momentum")
+            twin.set_ylabel("EMA momentum")
         fig.tight_layout()
         path = os.path.join(self.folder, "progress.png")
         tmp = path + ".tmp.png"

@@ -67,7 +67,7 @@ def train_step(objective, ddp_objective, optimizer, batch: dict, step: int, lr: 
         torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()
     objective.after_optimizer_step(step)
-    return float(total.detach()), {k: float(v) for k, v in terms.items()}
+    return float(total.detach()), {k: float(v.detach()) for k, v in terms.items()}
 
 
 class Checkpointer:

@@ -42,11 +42,14 @@ def feature_channels(network: nn.Module, decoder_stage: int = 0) -> Dict[str, in
             "decoder": int(net.encoder.output_channels[-2 - decoder_stage])}
 
 
-class UNetFeatures(nn.Module):
-    """``forward(x) -> {"recon", "bottleneck", "decoder"}`` for a dynamic-network-architectures U-Net."""
+class UNetFeatures:
+    """``features(x) -> {"recon", "bottleneck", "decoder"}`` for a dynamic-network-architectures U-Net.
+
+    A plain object, not an ``nn.Module``: it holds hooks on ``network`` without registering it a second time
+    (the owner registers the network; a deep copy of the owner copies the hooks along).
+    """
 
     def __init__(self, network: nn.Module, decoder_stage: int = 0):
-        super().__init__()
         self.network = network
         self.decoder_stage = decoder_stage
         self._store: Dict[str, torch.Tensor] = {}
@@ -65,7 +68,7 @@ class UNetFeatures(nn.Module):
     def _keep_decoder(self, module, inputs, output):
         self._store["decoder"] = output
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def __call__(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         self._store.clear()
         recon = self.network(x)
         if isinstance(recon, (list, tuple)):

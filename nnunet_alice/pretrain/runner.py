@@ -31,12 +31,17 @@ def default_num_workers() -> int:
     return max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
-def build_objective(network, config, features: dict):
+def build_objective(network, config, schedules):
     if config.objective == "mae":
         from nnunet_alice.pretrain.objective_mae import MaeObjective
         return MaeObjective(network, config)
     from nnunet_alice.pretrain.objective_alice import AliceObjective
-    return AliceObjective(network, config)
+    return AliceObjective(network, config, schedules)
+
+
+def _is_student_network_key(key: str) -> bool:
+    """Keys of the student network inside an objective's state dict (stored once, as ``network_weights``)."""
+    return key.startswith("network.") or key.startswith("student.network.")
 
 
 class PretrainRun:
@@ -62,14 +67,14 @@ class PretrainRun:
         self._check_writable()
 
         self.network = build_planned_network(self.data.plans_manager, cm, self.data.num_input_channels)
-        self.objective = build_objective(self.network, config, {}).to(self.device)
+        self.schedules = Schedules.from_config(config, self.total_steps)
+        self.objective = build_objective(self.network, config, self.schedules).to(self.device)
         self.ddp_objective = self.objective
         if self.distributed:
             self.ddp_objective = torch.nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.objective.student_modules()), lr=config.lr,
                                            weight_decay=config.weight_decay)
-        self.schedules = Schedules.from_config(config, self.total_steps)
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
         self.checkpointer = Checkpointer(self.folder, self)
         self.start_step = 0
@@ -125,7 +130,7 @@ class PretrainRun:
             raise AliceError(f"{path}: holds no training state, cannot continue")
         self.network.load_state_dict(ckpt["network_weights"])
         missing, unexpected = self.objective.load_state_dict(state["objective"], strict=False)
-        if unexpected or [k for k in missing if not k.startswith("network.")]:
+        if unexpected or [k for k in missing if not _is_student_network_key(k)]:
             raise AliceError(f"{path}: training state does not fit this objective (settings changed?)")
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -141,7 +146,7 @@ class PretrainRun:
         if with_state:
             state = {
                 "objective": {k: v.detach().cpu() for k, v in self.objective.state_dict().items()
-                              if not k.startswith("network.")},
+                              if not _is_student_network_key(k)},
                 "optimizer": self.optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(),
                 "step": int(step),
