@@ -50,6 +50,7 @@ class PretrainConfig:
     head_bottleneck_dim: int = 256
     head_out_dim: int = 512
     casa_heads: int = 8
+    casa_dropout: float = 0.1
     student_temp: float = 0.1
     teacher_temp: float = 0.01
     warmup_teacher_temp: float = 0.008

@@ -20,8 +20,20 @@ from torch import nn
 def build_planned_network(plans_manager, configuration_manager, num_input_channels: int) -> nn.Module:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                    num_input_channels, enable_deep_supervision=False)
+    network = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                       num_input_channels, enable_deep_supervision=False)
+    freeze_unused_output_layers(network)
+    return network
+
+
+def freeze_unused_output_layers(network: nn.Module) -> None:
+    """Without deep supervision only the last decoder output layer is used: the others get no gradient.
+
+    They are excluded from optimisation (and DDP's gradient reduction, which would otherwise wait for them).
+    Output layers are never transferred to fine-tuning anyway.
+    """
+    for layer in unwrap(network).decoder.seg_layers[:-1]:
+        layer.requires_grad_(False)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -54,7 +54,7 @@ class AliceObjective(nn.Module):
         self.student = AliceStudent(network, config)
         self.teacher = EmaTeacher(self.student)
         k = config.head_out_dim
-        self.casa = CasaAlignment(dim=k, num_heads=config.casa_heads,
+        self.casa = CasaAlignment(dim=k, num_heads=config.casa_heads, dropout=config.casa_dropout,
                                   ema_target=config.casa_target == "teacher_encoder_ema")
         self.cls_loss = DinoCrossViewLoss(k, config.student_temp, config.center_momentum)
         self.casa_loss = CasaTokenLoss(k, config.student_temp, config.center_momentum)
