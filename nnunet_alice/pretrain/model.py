@@ -63,6 +63,7 @@ class UNetFeatures:
 
     def __init__(self, network: nn.Module, decoder_stage: int = 0):
         self.network = network
+        self._run = None
         self.decoder_stage = decoder_stage
         self._store: Dict[str, torch.Tensor] = {}
         net = unwrap(network)
@@ -80,9 +81,14 @@ class UNetFeatures:
     def _keep_decoder(self, module, inputs, output):
         self._store["decoder"] = output
 
+    def compile(self, **kwargs) -> None:
+        """Run the network through ``torch.compile``; hooks and parameters stay on the original module,
+        so state dicts never see ``_orig_mod``."""
+        self._run = torch.compile(self.network, **kwargs)
+
     def __call__(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         self._store.clear()
-        recon = self.network(x)
+        recon = (self._run if self._run is not None else self.network)(x)
         if isinstance(recon, (list, tuple)):
             recon = recon[0]
         out = {"recon": recon, **self._store}

@@ -64,6 +64,10 @@ class AliceObjective(nn.Module):
     def network(self) -> nn.Module:
         return self.student.network
 
+    def enable_compile(self) -> None:
+        """torch.compile the student network's forward (checkpoints keep nnU-Net's plain key layout)."""
+        self.student._features.compile()
+
     def student_modules(self) -> Dict[str, nn.Module]:
         mods = {"student": self.student}
         if self.config.use_casa:

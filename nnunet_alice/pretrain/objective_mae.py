@@ -20,13 +20,17 @@ class MaeObjective(nn.Module):
         self.network = network
         self.config = config
 
+    def enable_compile(self) -> None:
+        """torch.compile the network's forward; kept outside the module tree, so state dicts stay plain."""
+        self.__dict__["_compiled"] = torch.compile(self.network)
+
     def student_modules(self) -> Dict[str, nn.Module]:
         """Modules the optimiser trains (name → module); names prefix the parameter groups."""
         return {"network": self.network}
 
     def forward(self, batch: Dict[str, torch.Tensor], step: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         x, mask = batch["student_q"], batch["mask_q"]
-        pred = self.network(x * (1.0 - mask))
+        pred = self.__dict__.get("_compiled", self.network)(x * (1.0 - mask))
         if isinstance(pred, (list, tuple)):
             pred = pred[0]
         rec = reconstruction_loss(pred.float(), x, mask, self.config.recon_region)
