@@ -1,0 +1,201 @@
+"""Budgets, methods and the run matrix of ``alice_benchmark``.
+
+A *cell* is one (method, number of labelled cases, seed) fine-tuning run. All methods of one (labels, seed) share
+the same nnU-Net fold (the same labelled subset, the same validation cases, the same trainer seed); only the
+initial weights differ. The fold index of a (labels, seed) pair is assigned once and stored, so adding label
+counts or seeds later never renames finished cells.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from nnunet_alice.errors import AliceError
+
+TRAINER = "nnUNetTrainerAlice_bench"
+CONFIGURATION = "3d_fullres"
+
+#: method name -> extra ``alice_pretrain`` flags; ``None`` = no pretraining (nnUNet_alice_pretrained=none).
+METHODS: Dict[str, Optional[List[str]]] = {
+    "scratch": None,
+    "alice": [],
+    "mae": ["--objective", "mae"],
+    "alice_nocasa": ["--no-casa"],
+    "alice_nocls": ["--no-cls"],
+    "alice_norecon": ["--no-recon"],
+    "alice_dinotemp": ["--teacher-temp", "0.07", "--warmup-teacher-temp", "0.04"],
+    "alice_registration": ["--matcher", "registration"],
+    "alice_embedding": ["--matcher", "embedding"],
+}
+
+
+@dataclass
+class Budget:
+    name: str
+    pretrain_steps: int
+    epochs: int
+    iterations: int
+    val_iterations: int
+    labels: List[str]            # numbers or "all"
+    seeds: List[int]
+    methods: List[str]
+    device: str = "cpu"
+    gpu_memory_target: Optional[float] = 1.0   # nnUNetv2_plan_experiment -gpu_memory_target (None: nnU-Net's)
+    patch_size: Optional[List[int]] = None     # overrides the planned patch (must stay divisible by the strides)
+    features: Optional[List[int]] = None       # (base, cap): features_per_stage = min(base * 2**i, cap)
+    step_size: float = 0.5                     # nnUNetv2_predict -step_size (sliding-window overlap)
+    pretrain_batch: Optional[int] = None       # None: the plan's batch size
+    pretrain_args: List[str] = field(default_factory=list)
+    note: str = ""
+
+
+BUDGETS: Dict[str, Budget] = {
+    "tiny": Budget("tiny", pretrain_steps=2, epochs=1, iterations=2, val_iterations=1, labels=["1", "all"],
+                   seeds=[0, 1], methods=["scratch", "alice"], patch_size=[32, 32, 32], features=[8, 32],
+                   step_size=1.0,
+                   pretrain_args=["--head-hidden-dim", "64", "--head-bottleneck-dim", "32", "--head-out-dim", "64"],
+                   note="smoke test: checks the plumbing, the numbers mean nothing"),
+    "small": Budget("small", pretrain_steps=40, epochs=5, iterations=8, val_iterations=1, labels=["1", "all"],
+                    seeds=[0, 1], methods=["scratch", "alice"], patch_size=[48, 48, 48], features=[8, 64],
+                    step_size=1.0, note="README demo: <= 20 min on 2 CPU cores, end to end"),
+    "medium": Budget("medium", pretrain_steps=150, epochs=12, iterations=10, val_iterations=1,
+                     labels=["1", "all"], seeds=[0, 1], methods=["scratch", "alice", "alice_dinotemp", "mae"],
+                     patch_size=[48, 48, 48], features=[8, 64], step_size=0.75,
+                     note="about 1.5 h on 2 busy CPU cores"),
+    "large": Budget("large", pretrain_steps=25000, epochs=250, iterations=250, val_iterations=50,
+                    labels=["1", "2", "4", "all"], seeds=[0, 1, 2],
+                    methods=["scratch", "alice", "mae", "alice_nocasa", "alice_dinotemp"], device="cuda",
+                    gpu_memory_target=None, note="GPU (one >= 24 GB card): nnU-Net's own plan, hours per method"),
+}
+
+
+def get_budget(name: str, **overrides) -> Budget:
+    if name not in BUDGETS:
+        raise AliceError(f"unknown --budget {name!r}: choose one of {', '.join(BUDGETS)}")
+    return replace(BUDGETS[name], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def parse_method(spec: str) -> tuple:
+    """``NAME`` (a known method) or ``NAME=FLAGS`` (a custom pretraining arm, flags for alice_pretrain)."""
+    import shlex
+
+    if "=" in spec:
+        name, flags = spec.split("=", 1)
+        name = name.strip()
+        if not name or not all(c.isalnum() or c in "_-" for c in name):
+            raise AliceError(f"--methods: bad method name {name!r} (letters, digits, '_' or '-')")
+        return name, shlex.split(flags)
+    if spec not in METHODS:
+        raise AliceError(f"--methods: unknown method {spec!r}: known {', '.join(METHODS)} "
+                         "(or NAME='alice_pretrain flags' for a custom arm)")
+    return spec, METHODS[spec]
+
+
+def resolve_label_counts(labels: List[str], available: int) -> List[int]:
+    """Sorted distinct counts; ``all`` = every available training case; counts above that are clipped."""
+    if available < 1:
+        raise AliceError("the dataset has no labelled training cases left for fine-tuning")
+    out = set()
+    for item in labels:
+        item = str(item).strip().lower()
+        if item == "all":
+            out.add(available)
+            continue
+        try:
+            n = int(item)
+        except ValueError:
+            raise AliceError(f"--labels: expected numbers or 'all', got {item!r}") from None
+        if n < 1:
+            raise AliceError(f"--labels: counts must be >= 1, got {n}")
+        out.add(min(n, available))
+    return sorted(out)
+
+
+def labelled_subset(cases: List[str], n: int, seed: int) -> List[str]:
+    """The first ``n`` of a seeded permutation: subsets of one seed are nested (1 case is inside 2 cases ...)."""
+    perm = np.random.default_rng(seed).permutation(sorted(cases))
+    return [str(c) for c in perm[:n]]
+
+
+def split_for(cases: List[str], n: int, seed: int) -> dict:
+    train = labelled_subset(cases, n, seed)
+    val = [c for c in sorted(cases) if c not in train] or list(train)
+    return {"train": train, "val": val}
+
+
+class FoldRegistry:
+    """(labels, seed) -> nnU-Net fold index, stored in ``<bench>/folds.json``; splits_final.json follows it."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.folds: Dict[str, int] = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.folds = json.load(f)
+
+    @staticmethod
+    def key(n: int, seed: int) -> str:
+        return f"n{n}_s{seed}"
+
+    def fold(self, n: int, seed: int) -> int:
+        k = self.key(n, seed)
+        if k not in self.folds:
+            self.folds[k] = len(self.folds)
+        return self.folds[k]
+
+    def write(self, cases: List[str], splits_path: str) -> None:
+        splits = [None] * len(self.folds)
+        for k, i in self.folds.items():
+            n, seed = k[1:].split("_s")
+            splits[i] = split_for(cases, int(n), int(seed))
+        os.makedirs(os.path.dirname(splits_path), exist_ok=True)
+        for path, data in ((self.path, self.folds), (splits_path, splits)):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, path)
+
+
+def bench_plans(plans: dict, name: str, budget: Budget) -> dict:
+    """The planned plans renamed to ``name`` (own data identifier) with the budget's patch size and widths."""
+    plans = json.loads(json.dumps(plans))
+    plans["plans_name"] = name
+    conf = plans["configurations"][CONFIGURATION]
+    conf["data_identifier"] = f"{name}_{CONFIGURATION}"
+    kw = conf["architecture"]["arch_kwargs"]
+    if budget.patch_size:
+        for axis, p in enumerate(budget.patch_size):
+            div = int(np.prod([s[axis] if isinstance(s, (list, tuple)) else s for s in kw["strides"]]))
+            if p % div:
+                raise AliceError(f"patch size {budget.patch_size} is not divisible by the network's downsampling "
+                                 f"({div} on axis {axis})")
+        conf["patch_size"] = list(budget.patch_size)
+    if budget.features:
+        first, cap = budget.features
+        kw["features_per_stage"] = [min(first * 2 ** i, cap) for i in range(kw["n_stages"])]
+    return plans
+
+
+def link_holdout(raw: str, ending: str, train_cases: List[str], k: int, folder: str):
+    """Set the last ``k`` labelled cases aside as test cases, linked into ``folder/images`` and ``folder/labels``.
+
+    Returns (test cases, remaining training cases)."""
+    if k >= len(train_cases):
+        raise AliceError(f"--holdout {k} leaves no training case ({len(train_cases)} labelled cases)")
+    test, train = train_cases[-k:], train_cases[:-k]
+    images, labels = os.path.join(folder, "images"), os.path.join(folder, "labels")
+    for d in (images, labels):
+        os.makedirs(d, exist_ok=True)
+    files = os.listdir(os.path.join(raw, "imagesTr"))
+    for case in test:
+        pairs = [(os.path.join(raw, "labelsTr", case + ending), os.path.join(labels, case + ending))]
+        pairs += [(os.path.join(raw, "imagesTr", f), os.path.join(images, f)) for f in files
+                  if f.startswith(case + "_") and f.endswith(ending) and len(f) == len(case) + 5 + len(ending)]
+        for src, dst in pairs:
+            if not os.path.lexists(dst):
+                os.symlink(src, dst)
+    return test, train

@@ -1,0 +1,180 @@
+"""``alice_benchmark`` outputs: ``results.csv`` (one row per cell), ``results.md`` and ``results_dice.png``."""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+from typing import Dict, List
+
+import numpy as np
+
+CSV_COLUMNS = ["method", "labels", "seed", "fold", "status", "dice", "per_class_dice", "wall_s", "train_s",
+               "predict_s", "eval_s", "pretrain_s", "num_test", "error"]
+
+
+def collect(out: str) -> List[dict]:
+    """Rows of every finished or failed cell under ``<out>/cells`` (for ``--report``)."""
+    rows = []
+    for path in sorted(glob.glob(os.path.join(out, "cells", "*", "*", "*.json"))):
+        if os.path.basename(path) in ("metrics.json", "failed.json"):
+            with open(path) as f:
+                rows.append(json.load(f))
+    return rows
+
+
+def _fmt(v, digits=4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def write_csv(path: str, rows: List[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in sorted(rows, key=_order_key):
+            row = {k: _fmt(r.get(k), 1 if k.endswith("_s") else 4) for k in CSV_COLUMNS}
+            row["per_class_dice"] = ";".join(f"{k}:{v:.4f}" for k, v in sorted((r.get("per_class") or {}).items()))
+            row["error"] = " | ".join(str(r.get("error") or "").splitlines())[-2000:]
+            w.writerow(row)
+    os.replace(tmp, path)
+
+
+def _order_key(r: dict):
+    return (r.get("method_order", 0), str(r["method"]), int(r["labels"]), int(r["seed"]))
+
+
+def aggregate(rows: List[dict]) -> Dict[str, Dict[int, dict]]:
+    """method -> labels -> {mean, sd, n, failed} over the seeds (sd with ddof=1; 0 for one seed)."""
+    out: Dict[str, Dict[int, dict]] = {}
+    for r in rows:
+        cell = out.setdefault(r["method"], {}).setdefault(int(r["labels"]), {"values": [], "failed": 0})
+        if r.get("status") == "ok":
+            cell["values"].append(float(r["dice"]))
+        else:
+            cell["failed"] += 1
+    for per in out.values():
+        for cell in per.values():
+            v = np.asarray(cell["values"], dtype=float)
+            cell.update(n=len(v), mean=float(v.mean()) if len(v) else float("nan"),
+                        sd=float(v.std(ddof=1)) if len(v) > 1 else 0.0)
+    return out
+
+
+def markdown_table(rows: List[dict]) -> str:
+    """Mean foreground Dice (×100) ± sd over seeds, per method and number of labelled cases."""
+    agg = aggregate(rows)
+    if not agg:
+        return "(no results)"
+    counts = sorted({n for per in agg.values() for n in per})
+    lines = ["| method | " + " | ".join(f"{n} labelled" for n in counts) + " |",
+             "|---|" + "---|" * len(counts)]
+    for method, per in agg.items():
+        cells = []
+        for n in counts:
+            c = per.get(n)
+            if not c or not c["n"]:
+                cells.append("failed" if c and c["failed"] else "")
+                continue
+            text = f"{100 * c['mean']:.1f} ± {100 * c['sd']:.1f} (n={c['n']})"
+            if c["failed"]:
+                text += f", {c['failed']} failed"
+            cells.append(text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if "scratch" in agg and len(agg) > 1:
+        lines += ["", "Paired difference to scratch (same labelled subset and seed), Dice points, mean ± sd:", "",
+                  "| method | " + " | ".join(f"{n} labelled" for n in counts) + " |", "|---|" + "---|" * len(counts)]
+        ok = {(r["method"], int(r["labels"]), int(r["seed"])): float(r["dice"]) for r in rows if r.get("status") == "ok"}
+        for method in agg:
+            if method == "scratch":
+                continue
+            cells = []
+            for n in counts:
+                d = [100 * (v - ok[("scratch", n, s)]) for (m, k, s), v in ok.items()
+                     if m == method and k == n and ("scratch", n, s) in ok]
+                cells.append(f"{np.mean(d):+.1f} ± {np.std(d, ddof=1) if len(d) > 1 else 0:.1f}" if d else "")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: str, rows: List[dict], budget, dataset: str) -> None:
+    b = budget
+    text = [f"# alice_benchmark: {dataset}, budget `{b.name}`", "",
+            f"Mean foreground Dice on the held-out test cases (nnU-Net's evaluation), × 100, mean ± sd over seeds "
+            f"{list(b.seeds)}.", "", markdown_table(rows), "",
+            f"Budget: pretraining {b.pretrain_steps} steps; fine-tuning {b.epochs} epochs × {b.iterations} iterations "
+            f"({b.val_iterations} val iterations), device {b.device}"
+            + (f", patch {b.patch_size}" if b.patch_size else "") + ".",
+            f"Cells: {sum(r.get('status') == 'ok' for r in rows)} ok, "
+            f"{sum(r.get('status') != 'ok' for r in rows)} failed (see results.csv).", ""]
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(text))
+    os.replace(path + ".tmp", path)
+
+
+def write_plot(path: str, rows: List[dict], title: str = "") -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    agg = aggregate(rows)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for method, per in agg.items():
+        ns = [n for n in sorted(per) if per[n]["n"]]
+        if not ns:
+            continue
+        mean = np.array([100 * per[n]["mean"] for n in ns])
+        sd = np.array([100 * per[n]["sd"] for n in ns])
+        ax.errorbar(ns, mean, yerr=sd, marker="o", capsize=4, label=method)
+        ax.fill_between(ns, mean - sd, mean + sd, alpha=0.12)
+    ax.set_xscale("log", base=2)
+    all_n = sorted({n for per in agg.values() for n in per})
+    ax.set_xticks(all_n)
+    ax.set_xticklabels([str(n) for n in all_n])
+    ax.set_xlabel("labelled training cases")
+    ax.set_ylabel("mean foreground Dice (× 100)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png")
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return True
+
+
+def write_all(out: str, rows: List[dict], budget, dataset: str, plot: bool = True) -> None:
+    write_csv(os.path.join(out, "results.csv"), rows)
+    write_markdown(os.path.join(out, "results.md"), rows, budget, dataset)
+    if plot:
+            write_plot(os.path.join(out, "results_dice.png"), rows,
+                   f"{dataset}, budget {budget.name} (mean ± sd over {len(budget.seeds)} seeds)")
+
+
+def read_summary(path: str):
+    """Mean foreground Dice and per-class mean Dice from nnU-Net's ``summary.json``."""
+    data = _read_json(path)
+    if "foreground_mean" not in data:
+        raise ValueError(f"{path}: not an nnU-Net evaluation summary")
+    per_class = {str(k): float(v["Dice"]) for k, v in data.get("mean", {}).items()}
+    return float(data["foreground_mean"]["Dice"]), per_class
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: str, data) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1, default=float)
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,296 @@
+"""alice_benchmark: run matrix, CSV rows, resume, failure reporting (fake command runner) + one real tiny cell."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from nnunet_alice.errors import AliceError
+from nnunet_alice.tools import bench_report
+from nnunet_alice.tools.bench_config import (BUDGETS, FoldRegistry, get_budget, labelled_subset, parse_method,
+                                             resolve_label_counts)
+from nnunet_alice.tools.benchmark import Benchmark, read_summary
+
+DS = "Dataset993_BenchFake"
+ENDING = ".nii.gz"
+
+
+def make_fake_raw(root: Path, n_train=5, n_test=2, with_test=True) -> Path:
+    """A raw dataset of empty files: the fake runner never reads images."""
+    ds = root / DS
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (ds / sub).mkdir(parents=True)
+    for i in range(n_train):
+        (ds / "imagesTr" / f"c{i:02d}_0000{ENDING}").write_text("")
+        (ds / "labelsTr" / f"c{i:02d}{ENDING}").write_text("")
+    for i in range(n_test if with_test else 0):
+        (ds / "imagesTs" / f"t{i:02d}_0000{ENDING}").write_text("")
+        (ds / "labelsTs" / f"t{i:02d}{ENDING}").write_text("")
+    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "file_ending": ENDING,
+                                                 "labels": {"background": 0, "a": 1, "b": 2},
+                                                 "numTraining": n_train}))
+    return ds
+
+
+def _arg(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+class FakeRunner:
+    """Stands in for the subprocesses: writes the files each tool would write; ``fail(argv, env)`` -> exit 1."""
+
+    def __init__(self, fail=None):
+        self.calls = []
+        self.fail = fail or (lambda argv, env: False)
+
+    def tools(self):
+        return [argv[0] for argv, _ in self.calls]
+
+    def __call__(self, argv, env, log):
+        self.calls.append((list(argv), dict(env)))
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        if self.fail(argv, env):
+            Path(log).write_text("Traceback (most recent call last):\nRuntimeError: simulated crash\n")
+            return 1, "Traceback (most recent call last):\nRuntimeError: simulated crash"
+        tool, pre = argv[0], Path(env["nnUNet_preprocessed"]) / DS
+        if tool == "nnUNetv2_plan_experiment":
+            pre.mkdir(parents=True, exist_ok=True)
+            arch = {"n_stages": 4, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 3, "features_per_stage": [32, 64, 128, 256]}
+            plans = {"plans_name": _arg(argv, "-overwrite_plans_name"), "configurations": {"3d_fullres": {
+                "patch_size": [64, 64, 64], "batch_size": 2, "data_identifier": "x",
+                "architecture": {"arch_kwargs": arch}}}}
+            (pre / f"{_arg(argv, '-overwrite_plans_name')}.json").write_text(json.dumps(plans))
+        elif tool == "alice_pretrain":
+            folder = Path(env["nnUNet_results"]) / DS / f"AlicePretrain__{_arg(argv, '-p')}__3d_fullres"
+            folder.mkdir(parents=True)
+            (folder / "checkpoint_final.pth").write_text(" ".join(argv))
+        elif tool == "nnUNetv2_train":
+            splits = json.loads((pre / "splits_final.json").read_text())
+            assert int(argv[3]) < len(splits)
+            folder = Path(env["nnUNet_results"]) / DS / f"{_arg(argv, '-tr')}__{_arg(argv, '-p')}__3d_fullres"
+            (folder / f"fold_{argv[3]}").mkdir(parents=True)
+            (folder / f"fold_{argv[3]}" / "checkpoint_final.pth").write_text("")
+        elif tool == "nnUNetv2_predict":
+            os.makedirs(_arg(argv, "-o"))
+        elif tool == "nnUNetv2_evaluate_folder":
+            dice = 0.5 if env["nnUNet_alice_pretrained"] == "none" else 0.6
+            Path(_arg(argv, "-o")).write_text(json.dumps({"foreground_mean": {"Dice": dice},
+                                                          "mean": {"1": {"Dice": dice - 0.1}, "2": {"Dice": dice + 0.1}}}))
+        return 0, "ok"
+
+
+@pytest.fixture
+def fake_env(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    make_fake_raw(raw)
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    return tmp_path
+
+
+def bench(runner, methods=("scratch", "alice", "mae"), labels=("1", "2", "all"), seeds=(0, 1), **kw):
+    budget = get_budget("tiny", labels=list(labels), seeds=list(seeds))
+    return Benchmark("993", budget, methods=list(methods), runner=runner, echo=lambda s: None, **kw)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_matrix_complete_and_one_csv_row_per_cell(fake_env):
+    runner = FakeRunner()
+    b = bench(runner)
+    rows = b.run()
+    keys = {(r["method"], r["labels"], r["seed"]) for r in rows}
+    assert keys == {(m, n, s) for m in ("scratch", "alice", "mae") for n in (1, 2, 5) for s in (0, 1)}
+    assert all(r["status"] == "ok" for r in rows)
+    table = read_csv(os.path.join(b.out, "results.csv"))
+    assert len(table) == 18 and len({(r["method"], r["labels"], r["seed"]) for r in table}) == 18
+    assert {r["dice"] for r in table if r["method"] == "scratch"} == {"0.5000"}
+    assert all(r["per_class_dice"] for r in table)
+    assert os.path.isfile(os.path.join(b.out, "results_dice.png"))
+    md = Path(b.out, "results.md").read_text()
+    assert "| alice | 60.0 ± 0.0 (n=2)" in md and "+10.0" in md
+
+    # one pretraining per pretrained arm, with the arm's flags, each in its own results root
+    pre = [(argv, env) for argv, env in runner.calls if argv[0] == "alice_pretrain"]
+    assert len(pre) == 2
+    assert ["--objective", "mae"] == [a for a in pre[1][0] if a in ("--objective", "mae")]
+    assert pre[0][1]["nnUNet_results"] != pre[1][1]["nnUNet_results"]
+    # paired design: every method trains (labels, seed) on the same fold with the same seed and budget
+    trains = [(argv, env) for argv, env in runner.calls if argv[0] == "nnUNetv2_train"]
+    assert len(trains) == 18
+    by_fold = {}
+    for argv, env in trains:
+        by_fold.setdefault(argv[3], set()).add((env["ALICE_BENCH_SEED"], env["ALICE_BENCH_EPOCHS"], argv[argv.index("-p") + 1]))
+        expected = "none" if env["nnUNet_results"].endswith("scratch") else b.checkpoint(
+            os.path.basename(env["nnUNet_results"]))
+        assert env["nnUNet_alice_pretrained"] == expected
+    assert len(by_fold) == 6 and all(len(v) == 1 for v in by_fold.values())
+    # splits: one per (labels, seed), labelled subsets of the right size, nested within a seed, test cases never in
+    splits = json.loads(Path(b.pre_root, DS, "splits_final.json").read_text())
+    folds = json.loads(Path(b.out, "folds.json").read_text())
+    for key, i in folds.items():
+        n, seed = map(int, key[1:].split("_s"))
+        assert len(splits[i]["train"]) == n and not set(splits[i]["train"]) & {"t00", "t01"}
+        assert splits[i]["val"]
+    assert set(splits[folds["n1_s0"]]["train"]) <= set(splits[folds["n2_s0"]]["train"])
+    assert splits[folds["n2_s0"]]["train"] != splits[folds["n2_s1"]]["train"]
+
+
+def test_resume_skips_finished_cells(fake_env):
+    first = FakeRunner()
+    b = bench(first, methods=("scratch", "alice"), labels=("1", "all"))
+    b.run()
+    assert first.tools().count("nnUNetv2_train") == 8
+
+    again = FakeRunner()
+    rows = bench(again, methods=("scratch", "alice"), labels=("1", "all")).run()
+    assert again.calls == [] and len(rows) == 8 and all(r.get("skipped") for r in rows)
+
+    # a cell whose metrics vanished reruns only that cell; its trained checkpoint is reused
+    os.remove(os.path.join(b.cell_dir("alice", 5, 1), "metrics.json"))
+    third = FakeRunner()
+    rows = bench(third, methods=("scratch", "alice"), labels=("1", "all")).run()
+    assert third.tools() == ["nnUNetv2_predict", "nnUNetv2_evaluate_folder"]
+    assert len(read_csv(os.path.join(b.out, "results.csv"))) == 8
+    # more seeds later: the old folds keep their numbers, only the new cells run
+    fourth = FakeRunner()
+    bench(fourth, methods=("scratch", "alice"), labels=("1", "all"), seeds=(0, 1, 2)).run()
+    assert fourth.tools().count("nnUNetv2_train") == 4
+    folds = json.loads(Path(b.out, "folds.json").read_text())
+    assert folds == {"n1_s0": 0, "n1_s1": 1, "n5_s0": 2, "n5_s1": 3, "n1_s2": 4, "n5_s2": 5}
+
+
+def test_failing_cell_is_reported_without_losing_the_others(fake_env):
+    def fail(argv, env):
+        return argv[0] == "nnUNetv2_train" and env["nnUNet_results"].endswith("alice") and env["ALICE_BENCH_SEED"] == "1" \
+            and argv[3] == "1"
+
+    runner = FakeRunner(fail)
+    b = bench(runner, methods=("scratch", "alice"), labels=("1", "all"))
+    rows = b.run()
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert [(r["method"], r["labels"], r["seed"]) for r in failed] == [("alice", 1, 1)]
+    assert "simulated crash" in failed[0]["error"]
+    table = read_csv(os.path.join(b.out, "results.csv"))
+    assert len(table) == 8
+    bad = [r for r in table if r["status"] == "failed"]
+    assert len(bad) == 1 and "simulated crash" in bad[0]["error"] and bad[0]["dice"] == ""
+    assert sum(r["status"] == "ok" for r in table) == 7
+    assert "1 failed" in Path(b.out, "results.md").read_text()
+    # the rerun retries only the failed cell
+    retry = FakeRunner()
+    rows = bench(retry, methods=("scratch", "alice"), labels=("1", "all")).run()
+    assert retry.tools() == ["nnUNetv2_train", "nnUNetv2_predict", "nnUNetv2_evaluate_folder"]
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def test_failed_pretraining_fails_only_that_arm(fake_env):
+    runner = FakeRunner(lambda argv, env: argv[0] == "alice_pretrain" and "mae" in argv)
+    rows = bench(runner).run()
+    for r in rows:
+        assert r["status"] == ("failed" if r["method"] == "mae" else "ok")
+        if r["method"] == "mae":
+            assert r["error"].startswith("pretraining failed")
+    assert not any(argv[0] == "nnUNetv2_train" and env["nnUNet_results"].endswith("mae") for argv, env in runner.calls)
+
+
+def test_holdout_when_there_are_no_test_labels(tmp_path, monkeypatch):
+    raw = tmp_path / "raw"
+    make_fake_raw(raw, n_train=6, with_test=False)
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    runner = FakeRunner()
+    b = bench(runner, methods=("scratch",), labels=("all",), seeds=(0,), holdout=2)
+    rows = b.run()
+    assert [r["labels"] for r in rows] == [4]
+    assert sorted(os.listdir(b.test_labels)) == ["c04.nii.gz", "c05.nii.gz"]
+    splits = json.loads(Path(b.pre_root, DS, "splits_final.json").read_text())
+    assert not {"c04", "c05"} & set(splits[0]["train"] + splits[0]["val"])
+    predict = next(argv for argv, _ in runner.calls if argv[0] == "nnUNetv2_predict")
+    assert _arg(predict, "-i") == b.test_images and sorted(os.listdir(b.test_images)) == ["c04_0000.nii.gz",
+                                                                                        "c05_0000.nii.gz"]
+
+
+def test_every_command_is_printed_with_its_environment(fake_env):
+    lines = []
+    b = Benchmark("993", get_budget("tiny", labels=["1"], seeds=[0]), methods=["scratch"], runner=FakeRunner(),
+                  echo=lines.append)
+    b.run()
+    cmds = [ln for ln in lines if ln.startswith("$ env ")]
+    assert len(cmds) == 6  # fingerprint, plan, preprocess, train, predict, evaluate
+    train = next(ln for ln in cmds if "nnUNetv2_train" in ln)
+    for part in ("nnUNet_alice_pretrained=none", "ALICE_BENCH_SEED=0", "ALICE_BENCH_EPOCHS=1", "nnUNet_n_proc_DA=0",
+                 f"nnUNet_preprocessed={b.pre_root}", f"nnUNet_extTrainer={b.out}/trainers",
+                 "-tr nnUNetTrainerAlice_bench"):
+        assert part in train
+    # planning must not see nnUNet_n_proc_DA (nnU-Net's planner crashes on 0)
+    plan = next(ln for ln in cmds if "nnUNetv2_plan_experiment" in ln)
+    assert "nnUNet_n_proc_DA=" not in plan
+
+
+def test_missing_dataset_and_bad_input():
+    with pytest.raises(AliceError, match="unknown --budget"):
+        get_budget("huge")
+    with pytest.raises(AliceError, match="unknown method"):
+        parse_method("alice_typo")
+    assert parse_method("lr3=--lr 3e-4 --no-casa") == ("lr3", ["--lr", "3e-4", "--no-casa"])
+    with pytest.raises(AliceError, match="'all'"):
+        resolve_label_counts(["one"], 4)
+    assert resolve_label_counts(["all", "1", "16", "2"], 8) == [1, 2, 8]
+    assert labelled_subset(list("abcdef"), 3, 7) == labelled_subset(list("fedcba"), 3, 7)
+    assert set(BUDGETS) == {"tiny", "small", "medium", "large"}
+
+
+def test_missing_dataset_without_demo(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    b = Benchmark("994", get_budget("tiny"), output=str(tmp_path / "out"), runner=FakeRunner(), echo=lambda s: None)
+    with pytest.raises(AliceError, match="--demo"):
+        b.run()
+
+
+def test_read_summary_rejects_other_json(tmp_path):
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps({"foreground_mean": {"Dice": 0.7}, "mean": {"1": {"Dice": 0.6}, "2": {"Dice": 0.8}}}))
+    assert read_summary(str(p)) == (0.7, {"1": 0.6, "2": 0.8})
+    p.write_text("{}")
+    with pytest.raises(ValueError):
+        read_summary(str(p))
+
+
+def test_report_aggregates_mean_and_sd():
+    rows = [{"method": "scratch", "labels": 1, "seed": s, "status": "ok", "dice": d} for s, d in ((0, 0.4), (1, 0.6))]
+    rows.append({"method": "scratch", "labels": 1, "seed": 2, "status": "failed", "dice": float("nan")})
+    agg = bench_report.aggregate(rows)["scratch"][1]
+    assert agg["n"] == 2 and agg["failed"] == 1
+    assert agg["mean"] == pytest.approx(0.5) and agg["sd"] == pytest.approx(0.1414, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_real_tiny_cell_end_to_end(tmp_path, monkeypatch):
+    """One real cell: plan, preprocess, train 1 epoch x 2 iterations, predict, evaluate with nnU-Net."""
+    from nnunet_alice.tools.synthetic import make_synthetic_dataset
+
+    raw = tmp_path / "raw"
+    make_synthetic_dataset(str(raw), dataset_id=996, num_train=2, num_test=1, shape=(32, 32, 32))
+    monkeypatch.setenv("nnUNet_raw", str(raw))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    monkeypatch.delenv("nnUNet_n_proc_DA", raising=False)
+    b = Benchmark("996", get_budget("tiny", labels=["all"], seeds=[0]), methods=["scratch"], echo=lambda s: None)
+    rows = b.run()
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["status"] == "ok", r.get("error")
+    assert 0.0 <= r["dice"] <= 1.0 and set(r["per_class"]) == {"1", "2"}
+    assert r["train_s"] > 0 and r["predict_s"] > 0
+    table = read_csv(os.path.join(b.out, "results.csv"))
+    assert [(t["method"], t["labels"], t["status"]) for t in table] == [("scratch", "2", "ok")]
+    assert len(os.listdir(os.path.join(b.cell_dir("scratch", 2, 0), "pred"))) >= 1
