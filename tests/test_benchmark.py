@@ -166,6 +166,11 @@ def test_resume_skips_finished_cells(fake_env):
     assert fourth.tools().count("nnUNetv2_train") == 4
     folds = json.loads(Path(b.out, "folds.json").read_text())
     assert folds == {"n1_s0": 0, "n1_s1": 1, "n5_s0": 2, "n5_s1": 3, "n1_s2": 4, "n5_s2": 5}
+    # other result-defining settings in the same folder: refused instead of mixing results
+    other = Benchmark("993", get_budget("tiny", epochs=3), methods=["scratch"], runner=FakeRunner(),
+                      echo=lambda s: None)
+    with pytest.raises(AliceError, match="epochs: 1 -> 3"):
+        other.run()
 
 
 def test_failing_cell_is_reported_without_losing_the_others(fake_env):
@@ -228,6 +233,7 @@ def test_every_command_is_printed_with_its_environment(fake_env):
     assert len(cmds) == 6  # fingerprint, plan, preprocess, train, predict, evaluate
     train = next(ln for ln in cmds if "nnUNetv2_train" in ln)
     for part in ("nnUNet_alice_pretrained=none", "ALICE_BENCH_SEED=0", "ALICE_BENCH_EPOCHS=1", "nnUNet_n_proc_DA=0",
+                 "OMP_WAIT_POLICY=PASSIVE",
                  f"nnUNet_preprocessed={b.pre_root}", f"nnUNet_extTrainer={b.out}/trainers",
                  "-tr nnUNetTrainerAlice_bench"):
         assert part in train

@@ -62,8 +62,8 @@ BUDGETS: Dict[str, Budget] = {
     "small": Budget("small", pretrain_steps=40, epochs=5, iterations=8, val_iterations=1, labels=["1", "all"],
                     seeds=[0, 1], methods=["scratch", "alice"], patch_size=[48, 48, 48], features=[8, 64],
                     step_size=1.0, note="README demo: <= 20 min on 2 CPU cores, end to end"),
-    "medium": Budget("medium", pretrain_steps=150, epochs=12, iterations=10, val_iterations=1,
-                     labels=["1", "all"], seeds=[0, 1], methods=["scratch", "alice", "alice_dinotemp", "mae"],
+    "medium": Budget("medium", pretrain_steps=100, epochs=8, iterations=10, val_iterations=1,
+                     labels=["1", "all"], seeds=[0, 1], methods=["scratch", "alice", "mae"],
                      patch_size=[48, 48, 48], features=[8, 64], step_size=0.75,
                      note="about 1.5 h on 2 busy CPU cores"),
     "large": Budget("large", pretrain_steps=25000, epochs=250, iterations=250, val_iterations=50,
@@ -199,3 +199,24 @@ def link_holdout(raw: str, ending: str, train_cases: List[str], k: int, folder: 
             if not os.path.lexists(dst):
                 os.symlink(src, dst)
     return test, train
+
+
+#: Budget fields that change what a finished cell means; labels, seeds and methods may change between runs.
+RESULT_FIELDS = ("pretrain_steps", "epochs", "iterations", "val_iterations", "device", "gpu_memory_target",
+                 "patch_size", "features", "step_size", "pretrain_batch", "pretrain_args")
+
+
+def check_budget(path: str, budget: Budget) -> None:
+    """Record the budget's result-defining settings in ``path``; refuse to resume a folder made with others."""
+    current = {k: getattr(budget, k) for k in RESULT_FIELDS}
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f)
+        changed = [f"{k}: {stored.get(k)} -> {v}" for k, v in current.items() if stored.get(k) != v]
+        if changed:
+            raise AliceError(f"{os.path.dirname(os.path.dirname(path))} holds results of other settings "
+                             f"({'; '.join(changed)}); pass another --output or delete it")
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(current, f, indent=1)
