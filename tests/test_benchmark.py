@@ -300,3 +300,14 @@ def test_real_tiny_cell_end_to_end(tmp_path, monkeypatch):
     table = read_csv(os.path.join(b.out, "results.csv"))
     assert [(t["method"], t["labels"], t["status"]) for t in table] == [("scratch", "2", "ok")]
     assert len(os.listdir(os.path.join(b.cell_dir("scratch", 2, 0), "pred"))) >= 1
+
+
+def test_subprocess_runner_logs_output_and_exit_code(tmp_path):
+    from nnunet_alice.tools.bench_runner import subprocess_runner
+
+    log = tmp_path / "logs" / "x.log"
+    rc, tail = subprocess_runner([sys.executable, "-c", "import sys; print('hello'); sys.exit(3)"], dict(os.environ),
+                                 str(log))
+    assert rc == 3 and tail == "hello" and log.read_text() == "hello\n"
+    rc, tail = subprocess_runner(["no-such-command-alice"], dict(os.environ), str(log))
+    assert rc == 127 and "no-such-command-alice" in tail

@@ -27,7 +27,7 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
+import signal
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -35,32 +35,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from nnunet_alice.errors import AliceError, cli_main
 from nnunet_alice.tools import bench_report
 from nnunet_alice.tools.bench_report import _read_json, _write_json, read_summary
+from nnunet_alice.tools.bench_runner import subprocess_runner
 from nnunet_alice.tools.bench_config import (CONFIGURATION, TRAINER, Budget, FoldRegistry, bench_plans, get_budget,
                                              check_budget, link_holdout, parse_method,
                                              resolve_label_counts)
 
 Runner = Callable[[List[str], Dict[str, str], str], Tuple[int, str]]
-
-
-def subprocess_runner(argv: List[str], env: Dict[str, str], log_path: str) -> Tuple[int, str]:
-    """Run ``argv`` with ``env``, output to ``log_path``; returns (exit code, last lines of the output)."""
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "w") as log:
-        try:
-            rc = subprocess.call(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        except OSError as e:
-            log.write(f"{argv[0]}: {e}\n")
-            rc = 127
-    return rc, tail_of(log_path)
-
-
-def tail_of(path: str, lines: int = 15) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            text = [ln.rstrip() for ln in f.read().replace("\r", "\n").splitlines() if ln.strip()]
-    except OSError:
-        return ""
-    return "\n".join(text[-lines:])
 
 
 class StepFailed(Exception):
@@ -376,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     a = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the running command is stopped as well
     budget = get_budget(a.budget, labels=a.labels, seeds=a.seeds, pretrain_steps=a.pretrain_steps, epochs=a.epochs,
                         iterations=a.iterations, val_iterations=a.val_iterations, patch_size=a.patch_size,
                         device=a.device)
