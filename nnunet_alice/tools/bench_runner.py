@@ -17,9 +17,9 @@ def subprocess_runner(argv: List[str], env: Dict[str, str], log_path: str) -> Tu
             proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
         except OSError as e:
             log.write(f"{argv[0]}: {e}\n")
-            return 127, tail_of(log_path)
+            proc = None
         try:
-            rc = proc.wait()
+            rc = proc.wait() if proc else 127
         except BaseException:  # interrupted or terminated (SIGTERM -> SystemExit): take the command down too
             proc.terminate()
             try:
