@@ -181,14 +181,24 @@ class PretrainData:
         import blosc2
         from batchgenerators.utilities.file_and_folder_operations import write_pickle
         from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params
-        from nnunet_alice.pretrain.validation import check_image_array
+        from nnunet_alice.pretrain.validation import check_image_array, check_raw_image
 
         cm = self.configuration_manager
         preprocessor = cm.preprocessor_class(verbose=False)
+        try:  # what DefaultPreprocessor.run_case does, split so that the raw image can be checked first
+            raw, properties = self.plans_manager.image_reader_writer_class().read_images(files)
+        except Exception as e:  # reader errors differ per format; name the file and the most telling line
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            cause = next((ln for ln in lines if "ERROR" in ln), lines[0] if lines else "not an image")
+            empty = any(os.path.getsize(f) == 0 for f in files if os.path.isfile(f))
+            raise AliceError(f"{files[0]}: cannot be read ({'empty file; ' if empty else ''}{type(e).__name__}: "
+                             f"{cause[:160]})") from None
+        check_raw_image(np.asarray(raw), properties.get("spacing"), files[0], self.num_input_channels, len(files))
         try:
-            data, _, properties = preprocessor.run_case(files, None, self.plans_manager, cm, self.dataset_json)
-        except Exception as e:  # reader errors differ per format; name the file and the cause
-            raise AliceError(f"{files[0]}: cannot be read or preprocessed ({type(e).__name__}: "
+            data, _, properties = preprocessor.run_case_npy(raw, None, properties, self.plans_manager, cm,
+                                                            self.dataset_json)
+        except Exception as e:
+            raise AliceError(f"{files[0]}: cannot be preprocessed ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
         data = np.ascontiguousarray(data, dtype=np.float32)
         check_image_array(data, files[0], expected_channels=self.num_input_channels)

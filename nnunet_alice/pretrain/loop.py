@@ -2,7 +2,10 @@
 
 Output folder, in nnU-Net's layout: ``$nnUNet_results/<Dataset>/AlicePretrain__<plans>__<configuration>/``
 with ``checkpoint_latest.pth`` (every ``save_every`` steps, with the full training state for ``--continue``),
-``checkpoint_final.pth``, ``training_log.txt`` and ``progress.png``.
+``checkpoint_latest.prev.pth`` (the latest checkpoint before that, kept as a fall-back), ``checkpoint_final.pth``,
+``training_log.txt`` and ``progress.png``. Every file is written atomically with a ``.sha256`` sidecar; before
+``checkpoint_latest.pth`` is replaced, the current one (and its sidecar) is renamed to ``checkpoint_latest.prev.pth``,
+so ``--continue`` still finds a good checkpoint when the newest one is damaged (docs/resume.md).
 """
 from __future__ import annotations
 
@@ -16,6 +19,9 @@ from nnunet_alice.pretrain import distributed as dist_utils
 from nnunet_alice.pretrain.logging_utils import RunLog
 
 PRETRAIN_PREFIX = "AlicePretrain"
+LATEST = "checkpoint_latest.pth"
+PREVIOUS = "checkpoint_latest.prev.pth"
+FINAL = "checkpoint_final.pth"
 
 
 def pretrain_output_folder(dataset_name: str, plans: str, configuration: str) -> str:
@@ -64,7 +70,10 @@ def train_step(objective, ddp_objective, optimizer, batch: dict, step: int, lr: 
     objective.before_optimizer_step(step)
     if grad_clip > 0:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        if not torch.isfinite(norm):  # a finite loss with inf/NaN gradients would poison the weights
+            kept = f"; last good checkpoint kept: {last_good}" if last_good else "; no checkpoint was written yet"
+            raise AliceError(f"non-finite gradient at step {step}: term grad_norm = {float(norm)}{kept}")
     optimizer.step()
     objective.after_optimizer_step(step)
     return float(total.detach()), {k: float(v.detach()) for k, v in terms.items()}
@@ -86,8 +95,40 @@ class Checkpointer:
             return
         from nnunet_alice.checkpoint import save_checkpoint
 
-        save_checkpoint(self.path(name), self.run.payload(step, with_state))
+        payload = self.run.payload(step, with_state)  # built before anything on disk changes
+        if name == LATEST:
+            self.keep_previous()
+        save_checkpoint(self.path(name), payload)
         self.last_good = self.path(name)
+
+    def remove_stale_temp_files(self) -> list:
+        """Delete half-written checkpoint temp files a killed run left behind (never loaded, only disk space)."""
+        removed = []
+        if not dist_utils.is_main_process() or not os.path.isdir(self.folder):
+            return removed
+        for name in os.listdir(self.folder):
+            if name.startswith(".checkpoint_") and name.endswith(".tmp"):
+                try:
+                    os.remove(os.path.join(self.folder, name))
+                    removed.append(name)
+                except OSError:
+                    pass
+        return removed
+
+    def keep_previous(self) -> None:
+        """Rename ``checkpoint_latest.pth`` (+ sidecar) to ``checkpoint_latest.prev.pth`` (+ sidecar).
+
+        The sidecar moves first: a kill between the two renames leaves the old latest without a sidecar (still
+        loadable, torch.load detects truncation) and the stale previous one with a mismatching digest (refused).
+        """
+        cur, prev = self.path(LATEST), self.path(PREVIOUS)
+        if not os.path.isfile(cur):
+            return
+        if os.path.isfile(cur + ".sha256"):
+            os.replace(cur + ".sha256", prev + ".sha256")
+        elif os.path.isfile(prev + ".sha256"):
+            os.remove(prev + ".sha256")
+        os.replace(cur, prev)
 
 
 def make_run_log(folder: str, total_steps: int, start_step: int) -> RunLog:

@@ -6,8 +6,9 @@ Read top to bottom: ``__init__`` builds everything from a :class:`PretrainConfig
 from __future__ import annotations
 
 import os
+import tempfile
 import time
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -16,8 +17,9 @@ from nnunet_alice.checkpoint import make_payload, network_state_dict, nnssl_adap
 from nnunet_alice.errors import AliceError
 from nnunet_alice.pretrain import distributed as dist_utils
 from nnunet_alice.pretrain.data import PretrainData
-from nnunet_alice.pretrain.loop import (Checkpointer, make_run_log, parameter_groups, pretrain_output_folder,
-                                        train_step)
+from nnunet_alice.pretrain.loop import (FINAL, LATEST, PREVIOUS, Checkpointer, make_run_log, parameter_groups,
+                                        pretrain_output_folder, train_step)
+from nnunet_alice.pretrain.monitor import CollapseMonitor
 from nnunet_alice.pretrain.metadata import build_metadata
 from nnunet_alice.pretrain.model import build_planned_network
 from nnunet_alice.pretrain.schedules import Schedules
@@ -44,6 +46,35 @@ def _is_student_network_key(key: str) -> bool:
     return key.startswith("network.") or key.startswith("student.network.")
 
 
+# settings that do not change what is computed; a resumed run may change them freely
+RESUME_FREE_SETTINGS = ("device", "num_workers", "save_every", "log_every", "compile")
+
+
+def resume_candidates(folder: str) -> List[str]:
+    """Checkpoints ``--continue`` may use, newest first; raises when there is none."""
+    found = [os.path.join(folder, n) for n in (LATEST, PREVIOUS) if os.path.isfile(os.path.join(folder, n))]
+    if not found:
+        raise AliceError(f"{os.path.join(folder, LATEST)}: --continue given but there is no checkpoint to continue "
+                         f"from (drop --continue to start a new run)")
+    return found
+
+
+def settings_changes(saved: dict, current: dict) -> List[str]:
+    """``key: saved -> current`` for every setting (except :data:`RESUME_FREE_SETTINGS`) that changed."""
+    out = []
+    for k in sorted(set(saved) | set(current)):
+        if k in RESUME_FREE_SETTINGS:
+            continue
+        a, b = saved.get(k), current.get(k)
+        if isinstance(a, tuple):
+            a = list(a)
+        if isinstance(b, tuple):
+            b = list(b)
+        if a != b:
+            out.append(f"{k}: {a!r} -> {b!r}")
+    return out
+
+
 class PretrainRun:
     def __init__(self, config, resume: bool = False, output_folder: Optional[str] = None):
         self.config = config
@@ -51,6 +82,13 @@ class PretrainRun:
         self.world = dist_utils.world_size()
         self.device = self._device(config.device)
         torch.manual_seed(config.seed + dist_utils.rank())
+        self.notes = []  # warnings found before the log exists; written to it when the run starts
+        # cheap checks first, so that nothing is preprocessed or created when one of them fails
+        self.folder = output_folder or pretrain_output_folder(config.dataset_name, config.plans,
+                                                              config.configuration)
+        self._check_writable()
+        if resume:
+            resume_candidates(self.folder)
 
         self.data = PretrainData(config.dataset_name, config.plans, config.configuration, config.unlabeled)
         cm = self.data.configuration_manager
@@ -62,10 +100,9 @@ class PretrainRun:
         config.batch_size = global_batch
         self.local_batch = global_batch // self.world
         self.total_steps = config.total_steps()
-        self.folder = output_folder or pretrain_output_folder(self.data.dataset_name, config.plans,
-                                                              config.configuration)
-        self._check_writable()
 
+        # (re)seed right before anything random is built: imports above may have drawn from the global stream
+        torch.manual_seed(config.seed + dist_utils.rank())
         self.network = build_planned_network(self.data.plans_manager, cm, self.data.num_input_channels)
         self.schedules = Schedules.from_config(config, self.total_steps)
         self.objective = build_objective(self.network, config, self.schedules).to(self.device)
@@ -79,6 +116,7 @@ class PretrainRun:
         self.checkpointer = Checkpointer(self.folder, self)
         self.start_step = 0
         self.history = []
+        self.rng_state = None
         if resume:
             self._resume()
 
@@ -104,36 +142,71 @@ class PretrainRun:
                 raise AliceError("-device cuda requested but no CUDA device is available; use -device cpu")
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         if name == "cpu":
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            # all cores, like nnU-Net, unless the user limited the threads (OMP_NUM_THREADS): on a shared
+            # machine, OpenMP threads competing for busy cores are far slower than a single thread
+            env = os.environ.get("OMP_NUM_THREADS", "").strip()
+            torch.set_num_threads(int(env) if env.isdigit() and int(env) > 0 else max(1, os.cpu_count() or 1))
             return torch.device("cpu")
         raise AliceError(f"-device must be cpu or cuda, got {name!r}")
 
     def _check_writable(self) -> None:
+        """Fail early if the output folder cannot be written, without creating it (``run`` creates it)."""
+        folder = os.path.abspath(self.folder)
+        existing = folder
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
         try:
-            os.makedirs(self.folder, exist_ok=True)
-            probe = os.path.join(self.folder, f".write_test_{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
+            if not os.path.isdir(existing):
+                raise NotADirectoryError(20, f"{existing} is not a directory")
+            with tempfile.TemporaryFile(dir=existing, prefix=".alice_write_test_"):
+                pass
         except OSError as e:
-            raise AliceError(f"{self.folder}: output folder is not writable ({e.strerror})") from None
+            raise AliceError(f"{self.folder}: output folder is not writable ({e.strerror or e})") from None
 
     def _resume(self) -> None:
+        """Restore network, objective (teacher, centres, CASA target), optimizer, RNG, step and history.
+
+        Tries ``checkpoint_latest.pth``, then ``checkpoint_latest.prev.pth``; a damaged file (checksum,
+        truncation) is reported in the log and skipped.
+        """
         from nnunet_alice.checkpoint import load_checkpoint
 
-        path = self.checkpointer.path("checkpoint_latest.pth")
-        if not os.path.isfile(path):
-            raise AliceError(f"{path}: --continue given but there is no checkpoint to continue from")
-        ckpt = load_checkpoint(path, map_location=self.device)
-        state = ckpt.get("training_state")
-        if state is None:
-            raise AliceError(f"{path}: holds no training state, cannot continue")
-        self.network.load_state_dict(ckpt["network_weights"])
-        missing, unexpected = self.objective.load_state_dict(state["objective"], strict=False)
+        errors = []
+        for path in resume_candidates(self.folder):
+            try:
+                ckpt = load_checkpoint(path, map_location="cpu")
+                state = ckpt.get("training_state")
+                if state is None:
+                    raise AliceError(f"{path}: holds no training state, cannot continue")
+                self._restore(path, ckpt, state)
+            except AliceError as e:
+                errors.append(str(e))
+                continue
+            for err in errors:
+                self.notes.append(f"WARNING: {err}; continuing from {path} instead")
+            changed = settings_changes(ckpt.get("metadata", {}).get("settings", {}), self.config.to_dict())
+            if changed:
+                self.notes.append(f"WARNING: settings differ from the checkpoint's ({'; '.join(changed)}); the "
+                                  f"resumed run will not match an uninterrupted one")
+            self.notes.append(f"continuing from {path} at step {self.start_step}")
+            return
+        raise AliceError(f"no usable checkpoint to continue from: {' | '.join(errors)}")
+
+    def _restore(self, path: str, ckpt: dict, state: dict) -> None:
+        try:
+            self.network.load_state_dict(ckpt["network_weights"])
+            missing, unexpected = self.objective.load_state_dict(state["objective"], strict=False)
+        except (RuntimeError, KeyError) as e:
+            raise AliceError(f"{path}: does not fit this network/objective ({str(e).splitlines()[0][:160]})") from None
         if unexpected or [k for k in missing if not _is_student_network_key(k)]:
-            raise AliceError(f"{path}: training state does not fit this objective (settings changed?)")
-        self.optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+            raise AliceError(f"{path}: training state does not fit this objective (settings changed?): "
+                             f"{(list(unexpected) + [k for k in missing if not _is_student_network_key(k)])[:3]}")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise AliceError(f"{path}: optimizer state does not fit ({e})") from None
+        # applied in run(), right before the first step: building the matcher and sampler may draw numbers
+        self.rng_state = (state["torch_rng"], state.get("cuda_rng") or [])
         self.start_step = int(state["step"])
         self.history = list(state.get("history", []))
         self.checkpointer.last_good = path
@@ -149,6 +222,7 @@ class PretrainRun:
                               if not _is_student_network_key(k)},
                 "optimizer": self.optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": list(torch.cuda.get_rng_state_all()) if self.device.type == "cuda" else [],
                 "step": int(step),
                 "history": list(self.log.history if hasattr(self, "log") else self.history),
             }
@@ -164,11 +238,29 @@ class PretrainRun:
     # ------------------------------------------------------------------ the loop
     def run(self) -> str:
         cfg, sch = self.config, self.schedules
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+        except OSError as e:
+            raise AliceError(f"{self.folder}: output folder cannot be created ({e.strerror or e})") from None
         self.log = make_run_log(self.folder, self.total_steps, self.start_step)
         self.log.history = list(self.history)
         self.log.line(f"alice_pretrain {cfg.objective} on {self.data.dataset_name} {cfg.plans} {cfg.configuration}: "
                       f"{len(self.data.cases)} cases, patch {cfg.patch_size}, batch {cfg.batch_size} "
                       f"({self.world} process(es)), {self.total_steps} steps, device {self.device}", echo=True)
+        stale = self.checkpointer.remove_stale_temp_files()
+        if stale:
+            self.notes.append(f"removed {len(stale)} half-written checkpoint file(s) of an interrupted run")
+        for note in self.notes:
+            self.log.line(note, echo=True)
+        # the stream of the steps (dropout) starts here: seeded for a new run, restored for a resumed one
+        if self.rng_state is None:
+            torch.manual_seed(cfg.seed + 7919 * (dist_utils.rank() + 1))
+        else:
+            torch.set_rng_state(self.rng_state[0])
+            if self.device.type == "cuda" and len(self.rng_state[1]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(self.rng_state[1])
+            self.rng_state = None
+        monitor = CollapseMonitor(cfg.head_out_dim) if cfg.objective == "alice" else None
         loader = make_loader(self.sampler, self.num_workers, cfg.seed)
         self.objective.train()
         window = []
@@ -189,20 +281,27 @@ class PretrainRun:
                           "vol/s": self.local_batch * self.world / max(dt, 1e-9)}
                 self.log.step(record)
                 if (step + 1) % cfg.log_every == 0 or step + 1 == self.total_steps:
-                    self.log.record(self._summarise(step + 1, window))
+                    rec = self._summarise(step + 1, window)
+                    self.log.record(rec)
                     window = []
+                    warning = monitor.update(rec) if monitor is not None else None
+                    if warning:
+                        self.log.line(warning, echo=True)
                 if (step + 1) % cfg.save_every == 0 and step + 1 < self.total_steps:
-                    self.checkpointer.save("checkpoint_latest.pth", step + 1, with_state=True)
+                    self.checkpointer.save(LATEST, step + 1, with_state=True)
                     self.log.plot()
-            self.checkpointer.save("checkpoint_final.pth", self.total_steps, with_state=False)
-            self.checkpointer.save("checkpoint_latest.pth", self.total_steps, with_state=True)
+            self.checkpointer.save(FINAL, self.total_steps, with_state=False)
+            self.checkpointer.save(LATEST, self.total_steps, with_state=True)
             plot = self.log.plot()
-            self.log.line(f"done: {self.checkpointer.path('checkpoint_final.pth')} (plot: {plot})", echo=True)
+            self.log.line(f"done: {self.checkpointer.path(FINAL)} (plot: {plot})", echo=True)
+        except AliceError as e:
+            self.log.line(f"ERROR: {e}")
+            raise
         finally:
             self.log.close()
             if hasattr(loader, "_finish"):
                 loader._finish()
-        return self.checkpointer.path("checkpoint_final.pth")
+        return self.checkpointer.path(FINAL)
 
     def _summarise(self, step: int, window) -> dict:
         sch = self.schedules

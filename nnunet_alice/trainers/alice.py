@@ -1,16 +1,22 @@
 """``nnUNetTrainerAlice``: nnU-Net's trainer, initialised from an Alice checkpoint, fine-tuned with warm-up.
 
 Subclasses nnU-Net's ``nnUNetTrainer_warmup`` (linear LR warm-up of the whole network, then poly decay) and
-changes only three things: the warm-up length scales with the run length (5 %, at most 50 epochs), the
-pretrained weights are loaded at epoch 0 (never on ``--c``), and the network is built by nnU-Net's own
-builder, so ``nnUNetv2_predict`` needs nothing from this package but the class name.
+changes only these things: the warm-up length scales with the run length (5 %, at most 50 epochs), the
+pretrained weights are loaded at epoch 0 (never on ``--c``) after the ``alice_doctor`` summary is printed
+(a 1-channel checkpoint is adapted to more input channels), ``--c`` loads nnU-Net's checkpoint with
+``weights_only=True``, and the network is built by nnU-Net's own builder, so ``nnUNetv2_predict`` needs
+nothing from this package but the class name. Other schedules (frozen encoder, lower encoder LR):
+``nnunet_alice.trainers.schedules`` and docs/finetuning.md.
 """
 from __future__ import annotations
+
+from typing import Union
 
 import torch
 from nnunetv2.training.nnUNetTrainer.variants.lr_schedule.nnUNetTrainer_warmup import nnUNetTrainer_warmup
 
-from nnunet_alice.trainers.pretrained import find_pretrained_checkpoint, load_pretrained_into
+from nnunet_alice.pretrain.model import unwrap
+from nnunet_alice.trainers.pretrained import find_pretrained_checkpoint, load_pretrained_into, load_training_checkpoint
 
 
 class nnUNetTrainerAlice(nnUNetTrainer_warmup):
@@ -36,15 +42,54 @@ class nnUNetTrainerAlice(nnUNetTrainer_warmup):
         super().on_train_start()
 
     def load_alice_weights(self) -> None:
+        """Print the ``alice_doctor`` summary, then load (input channels 1 -> n adapted, all else strict)."""
+        from nnunet_alice.checkpoint import load_checkpoint
+        from nnunet_alice.doctor import diagnose
+        from nnunet_alice.pretrain.model import unwrap
+
         path = find_pretrained_checkpoint(self.plans_manager.plans, self.configuration_name)
         if path is None:
             self.print_to_log_file("Alice: nnUNet_alice_pretrained=none, training from scratch with this schedule")
             return
+        ckpt = load_checkpoint(path)
+        net = unwrap(self.network)
+        report = diagnose(ckpt, path, self.plans_manager.plans, self.configuration_name, self.dataset_json,
+                          target_state=net.state_dict(), keys_to_in_proj=getattr(net, "keys_to_in_proj", ()))
+        for line in report.summary_lines():
+            self.print_to_log_file(line)
         cm = self.configuration_manager
         self.alice_tensors_loaded = load_pretrained_into(
             self.network, path, cm.network_arch_class_name, cm.network_arch_init_kwargs, self.num_input_channels,
-            log=self.print_to_log_file)
+            log=self.print_to_log_file, adapt_input_channels=True, checkpoint=ckpt)
         self.alice_checkpoint = path
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        """``--c``: nnUNetTrainer_warmup's logic with a ``weights_only=True`` load (numpy scalars allowed).
+
+        The optimizer is re-created for the stage of the restored epoch (warm-up or train) with this trainer's
+        parameter groups before its state is loaded, so variants with several groups resume correctly.
+        """
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint
+        if isinstance(filename_or_checkpoint, str):
+            checkpoint = load_training_checkpoint(filename_or_checkpoint, map_location=self.device)
+        net = unwrap(self.network)
+        own = net.state_dict()
+        weights = {(k[7:] if k not in own and k.startswith("module.") else k): v
+                   for k, v in checkpoint["network_weights"].items()}
+        self.my_init_kwargs = checkpoint["init_args"]
+        self.current_epoch = checkpoint["current_epoch"]
+        self.logger.load_checkpoint(checkpoint["logging"])
+        self._best_ema = checkpoint["_best_ema"]
+        self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
+                                                               self.inference_allowed_mirroring_axes)
+        net.load_state_dict(weights)
+        stage = "warmup_all" if self.current_epoch < self.warmup_duration_whole_net else "train"
+        self.optimizer, self.lr_scheduler = self.configure_optimizers(stage)
+        self.optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
+            self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 
 
 class nnUNetTrainerAlice_1epoch(nnUNetTrainerAlice):

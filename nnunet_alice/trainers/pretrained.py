@@ -42,31 +42,88 @@ def find_pretrained_checkpoint(plans: dict, configuration: str) -> Optional[str]
 
 
 def load_pretrained_into(network: torch.nn.Module, path: str, network_class_name: str, arch_kwargs: dict,
-                         num_input_channels: int, log: Callable[[str], None] = print) -> int:
-    """Check compatibility, then copy every non-segmentation tensor. Returns the number of tensors loaded."""
+                         num_input_channels: int, log: Callable[[str], None] = print,
+                         adapt_input_channels: bool = False, checkpoint: Optional[dict] = None) -> int:
+    """Check compatibility, then copy every non-segmentation tensor. Returns the number of tensors loaded.
+
+    ``adapt_input_channels``: a 1-channel checkpoint may be loaded into a network with more input channels; the
+    first convolution (the network's ``keys_to_in_proj``) is repeated over the channels and scaled by 1/n. Every
+    other difference stays an error. ``checkpoint``: the already loaded file (else it is loaded from ``path``).
+    """
     from nnunet_alice.checkpoint import load_checkpoint, sha256_of_file
+    from nnunet_alice.compat import (adapt_input_channels as adapt, channel_adaptation_problem,
+                                     checkpoint_input_channels)
     from nnunet_alice.pretrain.model import unwrap
 
-    ckpt = load_checkpoint(path)
+    ckpt = checkpoint if checkpoint is not None else load_checkpoint(path)
     meta = ckpt.get("metadata")
+    net = unwrap(network)
+    in_proj = list(getattr(net, "keys_to_in_proj", None) or [])
+    src_ch = checkpoint_input_channels(meta, ckpt["network_weights"], in_proj)
+    adapting = (adapt_input_channels and src_ch is not None and src_ch != int(num_input_channels)
+                and channel_adaptation_problem(src_ch, int(num_input_channels), in_proj) is None)
     if meta is not None:
         diffs = architecture_differences(meta, network_class_name, arch_kwargs, num_input_channels)
+        if adapting:
+            diffs = [d for d in diffs if not d.startswith("num_input_channels:")]
+        elif adapt_input_channels and src_ch is not None and src_ch != int(num_input_channels):
+            diffs = [d if not d.startswith("num_input_channels:") else
+                     f"{d} ({channel_adaptation_problem(src_ch, int(num_input_channels), in_proj)})" for d in diffs]
         if diffs:
             raise AliceError(f"{path}: checkpoint does not fit this plan: {summarize(diffs)}")
-    net = unwrap(network)
     target = net.state_dict()
-    missing, unexpected, shapes = state_dict_differences(ckpt["network_weights"], target)
+    source, adapted = ckpt["network_weights"], []
+    if adapting:
+        source, adapted = adapt(source, target, in_proj)
+    missing, unexpected, shapes = state_dict_differences(source, target)
     if missing or unexpected or shapes:
         diffs = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + shapes
         raise AliceError(f"{path}: weights do not fit the network: {summarize(diffs)}")
-    weights = {k: v for k, v in ckpt["network_weights"].items() if SEG_LAYER_TAG not in k}
+    weights = {k: v for k, v in source.items() if SEG_LAYER_TAG not in k}
     result = net.load_state_dict(weights, strict=False)
     not_loaded = [k for k in result.missing_keys if SEG_LAYER_TAG not in k]
     if not_loaded or result.unexpected_keys:
         raise AliceError(f"{path}: load left {summarize(not_loaded + list(result.unexpected_keys))}")
+    if adapted:
+        n = int(num_input_channels)
+        log(f"Alice: input channels adapted {src_ch} -> {n}: the first convolution ({adapted[0]}"
+            f"{f' and {len(adapted) - 1} alias(es)' if len(adapted) > 1 else ''}) was repeated over the {n} "
+            f"channels and scaled by 1/{n} (nnssl-style); all other tensors are loaded unchanged")
     log(f"Alice: loaded {len(weights)} of {len(target)} tensors (segmentation layers stay freshly initialised) "
         f"from {path} (sha256 {sha256_of_file(path)})")
     if meta is not None:
         log(f"Alice: checkpoint pretrained with objective {meta.get('objective')} for {meta.get('step')} steps on "
             f"{meta.get('num_cases')} cases of {meta.get('dataset_name')}")
     return len(weights)
+
+
+def load_training_checkpoint(path: str, map_location=None) -> dict:
+    """Load an nnU-Net *training* checkpoint (``--c``) with ``weights_only=True``.
+
+    nnU-Net stores numpy scalars in its logging lists and ``_best_ema``; exactly those numpy types are allowed,
+    nothing else (a pickled object that would run code is refused with a one-line error).
+    """
+    import pickle
+    import zipfile
+
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise AliceError(f"{path}: checkpoint file not found")
+    allowed = [np.dtype, type(np.dtype("float64")), type(np.dtype("float32")), type(np.dtype("int64"))]
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    allowed.append(scalar)
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        first = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln), lines[0])
+        raise AliceError(f"{path}: refused to load, the file contains pickled objects that are not plain "
+                         f"tensors or containers ({first[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AliceError(f"{path}: not a readable checkpoint, truncated or corrupted ({first[:160]})") from None
