@@ -52,6 +52,12 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -61,6 +67,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the mode a plain open() would
         os.replace(tmp, path)
         _fsync_dir(folder)
     except BaseException:
@@ -124,7 +131,9 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu", verify:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # torch's first line only advises weights_only=False; name the blocked global instead
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        first = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln), lines[0])
         raise AliceError(f"{path}: refused to load, the file contains pickled objects that are not plain "
                          f"tensors or containers ({first[:160]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
@@ -144,8 +153,18 @@ def network_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
             module = module.module
         else:
             break
-    # no copies: tensors that share storage (nnU-Net registers the encoder twice) are then saved once
-    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+    # nnU-Net registers the encoder twice (``encoder.*`` and ``decoder.encoder.*``): keep tensors that share
+    # storage shared, so torch.save stores them once. ``.cpu()`` copies each GPU tensor separately, hence the memo.
+    out, copies = {}, {}
+    for k, v in module.state_dict().items():
+        v = v.detach()
+        if v.device.type != "cpu":
+            view = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), tuple(v.stride()), v.dtype)
+            if view not in copies:
+                copies[view] = v.cpu()
+            v = copies[view]
+        out[k] = v
+    return out
 
 
 def nnssl_adaptation_plan(meta: Dict[str, Any], network: torch.nn.Module) -> Dict[str, Any]:
