@@ -100,6 +100,14 @@ class ViewSampler:
 
     def make_batch(self, index: int) -> dict:
         """The batch number ``index`` of this rank's stream (deterministic)."""
+        from threadpoolctl import threadpool_limits
+
+        # one OpenMP/BLAS thread, as nnU-Net's own loader does: a forked worker that enters torch's OpenMP pool
+        # after the parent used it deadlocks (libgomp is not fork-safe)
+        with threadpool_limits(limits=1, user_api=None):
+            return self._make_batch(index)
+
+    def _make_batch(self, index: int) -> dict:
         seed = np.random.SeedSequence([self.config.seed, self.rank, index])
         rng = np.random.default_rng(seed)
         if isinstance(getattr(self.matcher, "rng", None), np.random.Generator):
