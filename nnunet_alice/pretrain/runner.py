@@ -106,6 +106,10 @@ class PretrainRun:
         self.network = build_planned_network(self.data.plans_manager, cm, self.data.num_input_channels)
         self.schedules = Schedules.from_config(config, self.total_steps)
         self.objective = build_objective(self.network, config, self.schedules).to(self.device)
+        if config.compile:
+            if self.device.type != "cuda":
+                raise AliceError("--compile needs -device cuda (nnU-Net also compiles only on CUDA)")
+            self.objective.enable_compile()
         self.ddp_objective = self.objective
         if self.distributed:
             self.ddp_objective = torch.nn.parallel.DistributedDataParallel(
