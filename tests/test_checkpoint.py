@@ -1,7 +1,6 @@
 """Checkpoint I/O (``nnunet_alice.checkpoint``): weights-only round trip, atomic writes, sha256 sidecar,
 one-line errors for damaged files, refusal of pickled code, and wrapper-free, storage-sharing state dicts."""
 import hashlib
-import io
 import os
 import pickle
 import zipfile
