@@ -49,7 +49,7 @@ def _order_key(r: dict):
 
 def aggregate(rows: List[dict]) -> Dict[str, Dict[int, dict]]:
     """method -> labels -> {mean, sd, n, failed} over the seeds (sd with ddof=1; 0 for one seed)."""
-    out: Dict[str, Dict[int, dict]] = {}
+    out: Dict[str, Dict[int, dict]] = {"scratch": {}} if any(r["method"] == "scratch" for r in rows) else {}
     for r in rows:
         cell = out.setdefault(r["method"], {}).setdefault(int(r["labels"]), {"values": [], "failed": 0})
         if r.get("status") == "ok":
