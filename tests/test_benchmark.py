@@ -90,6 +90,8 @@ def fake_env(tmp_path, monkeypatch):
     make_fake_raw(raw)
     monkeypatch.setenv("nnUNet_raw", str(raw))
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    for var in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc", "OMP_WAIT_POLICY"):  # CI exports some of these
+        monkeypatch.delenv(var, raising=False)
     return tmp_path
 
 
