@@ -54,7 +54,7 @@ def finite_or_raise(total: torch.Tensor, terms: Dict[str, torch.Tensor], step: i
         return
     bad = [k for k, v in terms.items() if not torch.isfinite(v).all()] or ["total"]
     kept = f"; last good checkpoint kept: {last_good}" if last_good else "; no checkpoint was written yet"
-    raise AliceError(f"non-finite loss at step {step}: term {bad[0]} = {float(terms.get(bad[0], total))}{kept}")
+    raise AliceError(f"non-finite loss at step {step}: term {bad[0]} = {float(terms.get(bad[0], total).detach())}{kept}")
 
 
 def train_step(objective, ddp_objective, optimizer, batch: dict, step: int, lr: float, wd: float,
