@@ -5,8 +5,6 @@ does it fit? Prints the report of :mod:`nnunet_alice.doctor`; exit code 0 when i
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from typing import List, Optional
 
@@ -15,26 +13,10 @@ from nnunet_alice.errors import AliceError, cli_main
 
 def load_target(dataset: str, plans_name: str, configuration: str):
     """``(plans dict, dataset.json dict)`` of the target from ``$nnUNet_preprocessed``; one-line errors."""
-    from nnunet_alice.pretrain.data import _nnunet_path, resolve_dataset_name
+    from nnunet_alice.pretrain.data import load_plans, resolve_dataset_name
 
-    name = resolve_dataset_name(dataset)
-    root = os.path.join(_nnunet_path("nnUNet_preprocessed"), name)
-    plans_file = os.path.join(root, plans_name + ".json")
-    ds_file = os.path.join(root, "dataset.json")
-    for f, what in ((plans_file, "plans"), (ds_file, "dataset.json")):
-        if not os.path.isfile(f):
-            raise AliceError(f"{f}: {what} not found; run nnUNetv2_plan_and_preprocess -d {name} (or pass the right -p)")
-    try:
-        with open(plans_file) as f:
-            plans = json.load(f)
-        with open(ds_file) as f:
-            dataset_json = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise AliceError(f"{plans_file}: unreadable ({e})") from None
-    available = list(plans.get("configurations", {}))
-    if configuration not in available:
-        raise AliceError(f"{plans_file}: unknown configuration {configuration!r} (available: {', '.join(available)})")
-    return plans, dataset_json
+    _, plans_manager, _, dataset_json = load_plans(resolve_dataset_name(dataset), plans_name, configuration)
+    return plans_manager.plans, dataset_json
 
 
 @cli_main
