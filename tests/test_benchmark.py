@@ -166,6 +166,9 @@ def test_resume_skips_finished_cells(fake_env):
     fourth = FakeRunner()
     bench(fourth, methods=("scratch", "alice"), labels=("1", "all"), seeds=(0, 1, 2)).run()
     assert fourth.tools().count("nnUNetv2_train") == 4
+    # a run of a subset keeps the other cells of the folder in the tables
+    bench(FakeRunner(), methods=("scratch",), labels=("1",), seeds=(0,)).run()
+    assert len(read_csv(os.path.join(b.out, "results.csv"))) == 12
     folds = json.loads(Path(b.out, "folds.json").read_text())
     assert folds == {"n1_s0": 0, "n1_s1": 1, "n5_s0": 2, "n5_s1": 3, "n1_s2": 4, "n5_s2": 5}
     # other result-defining settings in the same folder: refused instead of mixing results

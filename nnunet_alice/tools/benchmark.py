@@ -293,7 +293,8 @@ class Benchmark:
             for method in self.methods:
                 rows.append(self._cell(method, n, seed, folds[(n, seed)], *pre[method]))
                 bench_report.write_all(self.out, rows, self.budget, self.dataset_name, plot=False)
-        bench_report.write_all(self.out, rows, self.budget, self.dataset_name)
+        # the tables cover every cell of this folder, also those of earlier runs with other labels/seeds/methods
+        bench_report.write_all(self.out, bench_report.collect(self.out), self.budget, self.dataset_name)
         total = time.time() - t_start
         _write_json(os.path.join(self.out, "state", f"run_{int(t_start)}.json"),
                     {"seconds": total, "commands": self.commands_run})
