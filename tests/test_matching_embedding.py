@@ -56,7 +56,7 @@ class NoRead:
 # ---------------------------------------------------------------------------- matching math
 def fourier_maps(shape, stride, shift, w, phase):
     """Unit vectors of random Fourier features at the map-cell centres of a case, content shifted by ``shift``."""
-    axes = [(np.arange(-(-n // stride)) + 0.5) * stride - 0.5 for n in shape]
+    axes = [np.arange(-(-n // stride)) * float(stride) for n in shape]
     x = np.stack(np.meshgrid(*axes, indexing="ij"), -1) - np.asarray(shift)
     arg = x @ w.T + phase
     v = np.concatenate([np.sin(arg), np.cos(arg)], -1)
@@ -67,8 +67,8 @@ def fourier_maps(shape, stride, shift, w, phase):
 def test_coarse_to_fine_search_recovers_a_known_shift():
     rng = np.random.default_rng(0)
     shape, shift = (48, 48, 48), np.array([3.0, -5.0, 4.0])   # B(x) = A(x - shift): p in A <-> p + shift in B
-    wc, pc = rng.normal(0, 2 * np.pi / 90, (4, 3)), rng.uniform(0, 2 * np.pi, 4)
-    wf, pf = rng.normal(0, 2 * np.pi / 14, (4, 3)), rng.uniform(0, 2 * np.pi, 4)
+    wc, pc = rng.normal(0, 2 * np.pi / 60, (8, 3)), rng.uniform(0, 2 * np.pi, 8)
+    wf, pf = rng.normal(0, 2 * np.pi / 16, (8, 3)), rng.uniform(0, 2 * np.pi, 8)
 
     def emb(s):
         return CaseEmbedding(coarse=fourier_maps(shape, 8, s, wc, pc).astype(np.float32),
@@ -205,8 +205,8 @@ def test_matcher_from_config_matches_from_memory(tmp_path, monkeypatch):
 def test_matcher_with_retries_on_known_embeddings_finds_the_shift():
     rng = np.random.default_rng(3)
     shape, shift = (40, 40, 40), np.array([-2.0, 3.0, 1.0])
-    wc, pc = rng.normal(0, 2 * np.pi / 80, (4, 3)), rng.uniform(0, 2 * np.pi, 4)
-    wf, pf = rng.normal(0, 2 * np.pi / 12, (4, 3)), rng.uniform(0, 2 * np.pi, 4)
+    wc, pc = rng.normal(0, 2 * np.pi / 60, (8, 3)), rng.uniform(0, 2 * np.pi, 8)
+    wf, pf = rng.normal(0, 2 * np.pi / 16, (8, 3)), rng.uniform(0, 2 * np.pi, 8)
     store = EmbeddingStore(None, "k" * 64, 2.0)
     for cid, s in (("a", np.zeros(3)), ("b", shift)):
         store.memory[cid] = CaseEmbedding(fourier_maps(shape, 8, s, wc, pc).astype(np.float32),

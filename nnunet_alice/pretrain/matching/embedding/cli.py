@@ -23,14 +23,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-d", dest="dataset", required=True, help="dataset id or name (e.g. 501 or Dataset501_X)")
     p.add_argument("-c", dest="configuration", required=True, help="nnU-Net configuration, e.g. 3d_fullres")
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
     p.add_argument("-device", dest="device", default="cuda", choices=["cpu", "cuda"],
                    help="device (default cuda)")
     p.add_argument("--unlabeled", nargs="*", default=[], help="extra folders of raw images (nnU-Net naming)")
-    p.add_argument("--batch-size", type=int, default=2, help="volumes (crop pairs) per step (default 2)")
-    p.add_argument("--crop", type=int, default=64, help="crop edge on the embedding grid (default 64)")
-    p.add_argument("--target-spacing", type=float, default=2.0,
-                   help="embedding-grid spacing in mm, never finer than the data (default 2.0, as SAM)")
+    p.add_argument("--batch-size", type=int, default=1, help="volumes (view pairs) per step (default 1)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="crop edge on the embedding grid (default: whole volumes, at most 128)")
+    p.add_argument("--target-spacing", type=float, default=4.0,
+                   help="embedding-grid spacing in mm, never finer than the data (default 4.0: 4 mm fine cells "
+                        "like SAM's, cheap enough for CPU training)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-precompute", action="store_true", help="do not embed the cases after training")
@@ -50,8 +52,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     from nnunet_alice.pretrain.matching.embedding.train import TrainConfig, plot_history, train_embedding
     from nnunet_alice.pretrain.matching.embedding.volume import to_embedding_grid
 
-    for name, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1), ("--crop", args.crop, 16)):
-        if value < low:
+    for name, value, low in (("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1),
+                             ("--crop", args.crop, 16)):
+        if value is not None and value < low:
             raise AliceError(f"{name} must be >= {low}, got {value}")
     if args.target_spacing <= 0:
         raise AliceError(f"--target-spacing must be > 0, got {args.target_spacing}")
@@ -83,7 +86,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"(e.g. {volumes[0].shape})")
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    cfg.pair.crop = (args.crop,) * 3
+    if args.crop is not None:
+        cfg.pair.crop = (args.crop,) * 3
     t0 = time.perf_counter()
     net, history = train_embedding(volumes, cfg=cfg, device=args.device, progress=not args.no_progress, log=log)
     seconds = time.perf_counter() - t0

@@ -1,16 +1,19 @@
 """Pixel-wise InfoNCE on the coarse and fine embedding maps, with hard negatives (SAM, Yan et al. TMI 2022).
 
 For a query point seen in one view, the positive is the embedding of the same volume position in the other
-view; negatives are the other view's embeddings at positions farther than a radius from it (closer cells are
+view; negatives are the other view's embeddings at positions farther than a radius from it (closer ones are
 neither positive nor negative). As in SAM:
 
-* coarse (global) map: all cells of the other view are negatives, so the coarse map learns *where* in the
+* coarse (global) map: negatives spread over the whole other view, so the coarse map learns *where* in the
   body a point lies;
-* fine (local) map: only the ``num_hard`` hardest negatives, ranked by the *matching score* of inference
-  (mean of coarse and fine cosine), so the fine map learns to separate exactly the locations the matcher
-  would confuse.
+* fine (local) map: the same global negatives plus *hard* negatives, the locations just outside the radius
+  around the positive (the most similar non-corresponding locations: same anatomy, a few mm off), so the
+  fine map learns to localise precisely. Optionally (``num_hard``) only the k negatives with the highest
+  matching score of inference (mean of coarse and fine cosine) are kept, SAM's hard-negative mining; with
+  short CPU trainings keeping all candidates worked better (``docs/correspondence.md``).
 
-Both directions (view 1 -> 2 and 2 -> 1) are averaged.
+All embeddings (queries, positives, negatives) are sampled at continuous positions, trilinearly, and
+re-normalised; both directions (view 1 -> 2 and 2 -> 1) are averaged.
 """
 from __future__ import annotations
 
@@ -23,20 +26,31 @@ import torch.nn.functional as F
 from nnunet_alice.pretrain.matching.embedding.pairs import View
 
 
-def sample_features(fmap: torch.Tensor, u: torch.Tensor, crop: Tuple[int, int, int]) -> torch.Tensor:
-    """Trilinear samples (N, D) of a map (D, m0, m1, m2) covering a crop, at crop coordinates ``u`` (N, 3)."""
-    size = torch.tensor(crop, dtype=u.dtype, device=u.device)
-    n = 2.0 * (u + 0.5) / size - 1.0          # align_corners=False: the map covers the whole crop
+def sample_features(fmap: torch.Tensor, u: torch.Tensor, stride: int) -> torch.Tensor:
+    """Trilinear samples (N, D) of a map (D, m0, m1, m2) at crop coordinates ``u`` (N, 3); cell j sits on voxel
+    ``j * stride`` (see :mod:`.volume`)."""
+    size = torch.tensor(fmap.shape[1:], dtype=u.dtype, device=u.device)
+    n = 2.0 * (u / stride) / torch.clamp(size - 1, min=1) - 1.0
     grid = n.flip(-1).view(1, -1, 1, 1, 3)
-    out = F.grid_sample(fmap[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(fmap[None], grid, mode="bilinear", padding_mode="border", align_corners=True)
     return F.normalize(out[0, :, :, 0, 0].T, dim=1)
 
 
-def cell_positions(view: View, map_shape: Tuple[int, int, int], stride: int) -> np.ndarray:
-    """Volume positions (M, 3) of the centres of a map's cells, in flattened (C-order) cell order."""
-    axes = [(np.arange(m) + 0.5) * stride - 0.5 for m in map_shape]
-    u = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
-    return view.positions(u)
+def negative_positions(crop: Tuple[int, int, int], positives: np.ndarray, rng: np.random.Generator,
+                       n_global: int, n_local: int, local_voxels: float) -> np.ndarray:
+    """Crop coordinates (K, 3) of candidate negatives: ``n_global`` uniform positions in the crop plus
+    ``n_local`` positions within ``local_voxels`` of every positive (the near, hard ones).
+
+    Continuous positions, sampled like the queries and positives. Taking negatives at cell centres only
+    (while queries and positives are interpolated between cells) lets the network tell them apart by
+    sub-cell phase alone: our first trainings learned exactly that shortcut, with maps that matched
+    nothing across volumes.
+    """
+    upper = np.asarray(crop, dtype=float) - 1
+    glob = rng.uniform(0, upper, size=(n_global, 3))
+    centres = np.repeat(np.asarray(positives, dtype=float), n_local, axis=0)
+    local = np.clip(centres + rng.uniform(-local_voxels, local_voxels, centres.shape), 0, upper)
+    return np.concatenate([glob, local], 0)
 
 
 def info_nce(query: torch.Tensor, positive: torch.Tensor, keys: torch.Tensor, query_x: torch.Tensor,
@@ -62,11 +76,19 @@ def info_nce(query: torch.Tensor, positive: torch.Tensor, keys: torch.Tensor, qu
 
 def pair_loss(coarse: Tuple[torch.Tensor, torch.Tensor], fine: Tuple[torch.Tensor, torch.Tensor],
               views: Tuple[View, View], u: Tuple[np.ndarray, np.ndarray], strides: Tuple[int, int],
-              temperature: float = 0.1, num_hard: int = 256) -> Dict[str, torch.Tensor]:
-    """Symmetric coarse + fine InfoNCE of one pair. ``coarse``/``fine``: the two views' maps (D, m0, m1, m2)."""
+              temperature: float = 0.1, num_hard: int | None = None, coarse_radius: float = 2.0,
+              fine_radius: float = 2.0, fine_keys: int = 4096, rng: np.random.Generator | None = None,
+              fine_local: int = 16, coarse_keys: int = 1024) -> Dict[str, torch.Tensor]:
+    """Symmetric coarse + fine InfoNCE of one pair. ``coarse``/``fine``: the two views' maps (D, m0, m1, m2).
+
+    ``coarse_radius``/``fine_radius``: the neutral zone around a positive, in cells of the respective map
+    (wide enough that neighbouring cells stay similar, so the maps interpolate well between cell centres).
+    Negatives are ``coarse_keys`` / ``fine_keys`` random positions of the other view (fine: plus
+    ``fine_local`` near each positive), see :func:`negative_positions`; the fine ones are then mined.
+    """
+    rng = rng if rng is not None else np.random.default_rng()
     coarse_stride, fine_stride = strides
     device = fine[0].device
-    crop = views[0].crop
     if len(u[0]) == 0:
         zero = fine[0].sum() * 0.0
         return {"coarse": zero, "fine": zero}
@@ -74,19 +96,23 @@ def pair_loss(coarse: Tuple[torch.Tensor, torch.Tensor], fine: Tuple[torch.Tenso
     ut = [torch.from_numpy(np.asarray(p)).float().to(device) for p in u]
     losses = {"coarse": 0.0, "fine": 0.0}
     for a, b in ((0, 1), (1, 0)):
-        qc, kc = sample_features(coarse[a], ut[a], crop), sample_features(coarse[b], ut[b], crop)
-        keys_c = coarse[b].flatten(1).T
-        xc = torch.from_numpy(cell_positions(views[b], tuple(coarse[b].shape[1:]), coarse_stride)).float().to(device)
-        losses["coarse"] = losses["coarse"] + info_nce(qc, kc, keys_c, x, xc, radius=float(coarse_stride),
+        crop = views[b].crop
+        qc, kc = sample_features(coarse[a], ut[a], coarse_stride), sample_features(coarse[b], ut[b], coarse_stride)
+        neg_c = negative_positions(crop, u[b], rng, coarse_keys, 0, 0.0)
+        neg_c_t = torch.from_numpy(neg_c).float().to(device)
+        keys_c = sample_features(coarse[b], neg_c_t, coarse_stride)
+        xc = torch.from_numpy(views[b].positions(neg_c)).float().to(device)
+        losses["coarse"] = losses["coarse"] + info_nce(qc, kc, keys_c, x, xc, radius=coarse_radius * coarse_stride,
                                                        temperature=temperature)
 
-        qf, kf = sample_features(fine[a], ut[a], crop), sample_features(fine[b], ut[b], crop)
-        keys_f = fine[b].flatten(1).T
-        xf = torch.from_numpy(cell_positions(views[b], tuple(fine[b].shape[1:]), fine_stride)).float().to(device)
-        coarse_up = F.interpolate(coarse[b][None], size=tuple(fine[b].shape[1:]), mode="trilinear",
-                                  align_corners=False)[0]
+        qf, kf = sample_features(fine[a], ut[a], fine_stride), sample_features(fine[b], ut[b], fine_stride)
+        neg_f = negative_positions(crop, u[b], rng, fine_keys, fine_local, 4 * fine_radius * fine_stride)
+        neg_f_t = torch.from_numpy(neg_f).float().to(device)
+        keys_f = sample_features(fine[b], neg_f_t, fine_stride)
+        xf = torch.from_numpy(views[b].positions(neg_f)).float().to(device)
         with torch.no_grad():
-            rank = 0.5 * (qf @ keys_f.T + qc @ F.normalize(coarse_up, dim=0).flatten(1))
-        losses["fine"] = losses["fine"] + info_nce(qf, kf, keys_f, x, xf, radius=1.5 * fine_stride,
+            coarse_at = sample_features(coarse[b], neg_f_t, coarse_stride)
+            rank = 0.5 * (qf @ keys_f.T + qc @ coarse_at.T)
+        losses["fine"] = losses["fine"] + info_nce(qf, kf, keys_f, x, xf, radius=fine_radius * fine_stride,
                                                    temperature=temperature, num_hard=num_hard, rank_by=rank)
     return {k: v / 2 for k, v in losses.items()}

@@ -31,7 +31,7 @@ class EmbeddingMatcher(Matcher):
     name = "embedding"
     inter_volume = True
 
-    def __init__(self, store: EmbeddingStore, top_k: int = 4):
+    def __init__(self, store: EmbeddingStore, top_k: int = 8):
         self.store = store
         self.top_k = int(top_k)
         self.match_stats = MatchStats()
@@ -39,7 +39,7 @@ class EmbeddingMatcher(Matcher):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_model_file(cls, path: str, cache_root: Optional[str] = None, device: str = "cpu",
-                        top_k: int = 4) -> "EmbeddingMatcher":
+                        top_k: int = 8) -> "EmbeddingMatcher":
         """Matcher over the model at ``path``; embeddings cached under ``<cache_root>/alice_embeddings/``."""
         from nnunet_alice.pretrain.matching.embedding.model_file import load_model
 

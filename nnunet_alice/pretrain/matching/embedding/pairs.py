@@ -6,12 +6,17 @@ partner in the other crop. Here each view samples the volume through its own ran
 scale (view 1 also through a smooth elastic field, so the pair differs by a non-rigid deformation, like two
 patients), followed by intensity augmentation. Positions are in voxels of the embedding grid of the volume.
 
+By default a crop is the *whole* volume (up to ``max_crop``): the embeddings are later computed on whole
+volumes, and crops much smaller than the volume gave features that depend on where the crop ends, which
+matched poorly across volumes in our benchmark (``docs/correspondence.md``). Volumes larger than
+``max_crop`` are cropped around a random foreground voxel.
+
     view v, crop voxel u  ->  volume position  x = c_v + L_v (u - centre) [+ d_1(u) for view 1]
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,13 +26,14 @@ from scipy.ndimage import map_coordinates
 
 @dataclass
 class PairConfig:
-    crop: Tuple[int, int, int] = (64, 64, 64)
-    max_shift: float = 0.4          # centre offset between the views, fraction of the crop size
+    crop: Optional[Tuple[int, int, int]] = None   # None: the whole volume, at most max_crop
+    max_crop: Tuple[int, int, int] = (128, 128, 128)
+    max_shift: float = 0.15         # centre offset between the views, fraction of the crop size
     max_rotation_deg: float = 12.0
     scale_range: Tuple[float, float] = (0.88, 1.12)
     elastic_voxels: float = 2.5     # amplitude (grid voxels) of view 1's smooth displacement
     elastic_nodes: int = 4          # control points per axis of that displacement
-    points: int = 128               # corresponding points per pair
+    points: int = 512               # corresponding points per pair
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -104,7 +110,8 @@ def make_pair(volume: torch.Tensor, volume_np: np.ndarray, foreground: np.ndarra
     """
     shape = np.asarray(volume.shape, dtype=float)
     crop = np.asarray(cfg.crop, dtype=float)
-    c1 = foreground[rng.integers(len(foreground))].astype(float) if len(foreground) else rng.uniform(0, shape - 1)
+    fg = foreground[rng.integers(len(foreground))].astype(float) if len(foreground) else rng.uniform(0, shape - 1)
+    c1 = np.where(crop >= shape, (shape - 1) / 2, fg)     # crops covering an axis are centred on it
     c2 = np.clip(c1 + rng.uniform(-1, 1, 3) * cfg.max_shift * crop, 0, shape - 1)
     v1 = random_view(rng, c1, cfg, elastic=True)
     v2 = random_view(rng, c2, cfg, elastic=False)

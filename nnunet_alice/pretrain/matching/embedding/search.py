@@ -4,8 +4,8 @@ The query point's coarse and fine vectors are read (trilinearly) from A's maps. 
 computed over all of B's coarse cells; around each of the ``top_k`` best coarse cells, the fine similarity is
 computed in a window of B's fine map, and the matching score at a fine cell is the mean of the fine cosine and
 the (trilinearly interpolated) coarse cosine, as in the Alice code (alice-method.md §1.2, step 5). The best
-cell is refined to sub-cell precision by a per-axis parabola fit and mapped back to B's voxel coordinates.
-Pure numpy on in-memory arrays: no disk access, a few milliseconds per query.
+cell is refined to sub-cell precision by a small continuous search on interpolated, re-normalised maps and
+mapped back to B's voxel coordinates. Pure numpy on in-memory arrays: no disk access, a few ms per query.
 """
 from __future__ import annotations
 
@@ -35,41 +35,60 @@ class CaseEmbedding:
         return grid_to_case(map_to_grid(m, stride), self.scale)
 
 
-def vector_at(fmap: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Trilinearly interpolated, re-normalised vector of a map (D, ...) at map coordinates ``m``."""
+def vectors_at(fmap: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Trilinearly interpolated, re-normalised vectors (N, D) of a map (D, ...) at map coordinates ``m`` (N, 3).
+
+    Re-normalising matters: neighbouring cells of a contrastively trained map are far from parallel, so a
+    plain interpolation is shorter than 1 and would bias cosines low between cell centres (SAM, too,
+    re-normalises its upsampled coarse map).
+    """
     shape = np.asarray(fmap.shape[1:])
-    m = np.clip(np.asarray(m, dtype=float), 0, shape - 1)
-    i0 = np.minimum(np.floor(m).astype(int), np.maximum(shape - 2, 0))
+    m = np.clip(np.atleast_2d(np.asarray(m, dtype=float)), 0, shape - 1)
+    i0 = np.clip(np.floor(m).astype(int), 0, np.maximum(shape - 2, 0))
     w = m - i0
-    v = np.zeros(fmap.shape[0], dtype=np.float64)
+    out = np.zeros((len(m), fmap.shape[0]), dtype=np.float32)
     for corner in range(8):
         bits = np.array([(corner >> k) & 1 for k in range(3)])
         idx = np.minimum(i0 + bits, shape - 1)
-        weight = float(np.prod(np.where(bits == 1, w, 1 - w)))
-        if weight > 0:
-            v += weight * fmap[(slice(None),) + tuple(idx)].astype(np.float64)
-    n = np.linalg.norm(v)
-    return v / n if n > 0 else v
+        weight = np.prod(np.where(bits == 1, w, 1 - w), axis=1).astype(np.float32)
+        out += weight[:, None] * fmap[:, idx[:, 0], idx[:, 1], idx[:, 2]].T.astype(np.float32)
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    return out / np.maximum(norm, 1e-12)
 
 
-def _parabola_offset(left: float, mid: float, right: float) -> float:
-    den = left - 2 * mid + right
-    if not np.isfinite(den) or den >= 0:
-        return 0.0
-    return float(np.clip(0.5 * (left - right) / den, -0.5, 0.5))
+def vector_at(fmap: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """One interpolated, re-normalised vector (D,) at map coordinates ``m`` (3,)."""
+    return vectors_at(fmap, np.asarray(m, dtype=float)[None])[0]
 
 
-def match_embeddings(ea: CaseEmbedding, point_a: np.ndarray, eb: CaseEmbedding, top_k: int = 4
+def _combined(qc, qf, eb: "CaseEmbedding", m_fine: np.ndarray) -> np.ndarray:
+    """Matching score at continuous fine-map coordinates (N, 3): mean of the coarse and fine cosines."""
+    m_coarse = grid_to_map(map_to_grid(m_fine, eb.fine_stride), eb.coarse_stride)
+    return 0.5 * (vectors_at(eb.fine, m_fine) @ qf + vectors_at(eb.coarse, m_coarse) @ qc)
+
+
+def _offsets(step: float, n: int) -> np.ndarray:
+    axis = (np.arange(n) - (n - 1) / 2) * step
+    return np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+
+
+def match_embeddings(ea: CaseEmbedding, point_a: np.ndarray, eb: CaseEmbedding, top_k: int = 8
                      ) -> Tuple[np.ndarray, float]:
-    """Best match in B of voxel ``point_a`` of A: ``(point_b in B's voxels, score = mean of both cosines)``."""
-    qc = vector_at(ea.coarse, ea.to_map(point_a, ea.coarse_stride)).astype(np.float32)
-    qf = vector_at(ea.fine, ea.to_map(point_a, ea.fine_stride)).astype(np.float32)
+    """Best match in B of voxel ``point_a`` of A: ``(point_b in B's voxels, score = mean of both cosines)``.
+
+    1. coarse: cosine of the query's coarse vector with every coarse cell of B, keep the ``top_k`` cells;
+    2. fine: in a window of fine cells around each, score = mean(fine cosine, interpolated coarse cosine);
+    3. refine the best cell continuously (half- then quarter-cell steps) on interpolated, re-normalised maps;
+       the score returned is the one at the refined point.
+    """
+    qc = vector_at(ea.coarse, ea.to_map(point_a, ea.coarse_stride))
+    qf = vector_at(ea.fine, ea.to_map(point_a, ea.fine_stride))
     sim_c = np.tensordot(qc, eb.coarse, axes=(0, 0))
     cs, fs = eb.coarse_stride, eb.fine_stride
     fshape = np.asarray(eb.fine.shape[1:])
     half = int(np.ceil(cs / fs)) + 1
     order = np.argsort(-sim_c.ravel(), kind="stable")[:max(1, int(top_k))]
-    best_val, best_pos, best_win, best_lo = -np.inf, None, None, None
+    best_val, best_cell = -np.inf, None
     for flat in order:
         cell = np.asarray(np.unravel_index(flat, sim_c.shape), dtype=float)
         centre = grid_to_map(map_to_grid(cell, cs), fs)
@@ -84,16 +103,15 @@ def match_embeddings(ea: CaseEmbedding, point_a: np.ndarray, eb: CaseEmbedding, 
         combined = 0.5 * (sim_f + sim_cw)
         j = np.unravel_index(int(np.argmax(combined)), combined.shape)
         if combined[j] > best_val:
-            best_val, best_pos, best_win, best_lo = float(combined[j]), np.asarray(j), combined, lo
-    # sub-cell refinement inside the winning window
-    pos = best_pos.astype(float)
-    mid = float(best_win[tuple(best_pos)])
-    for k in range(3):
-        if 0 < best_pos[k] < best_win.shape[k] - 1:
-            left, right = best_pos.copy(), best_pos.copy()
-            left[k] -= 1
-            right[k] += 1
-            pos[k] += _parabola_offset(float(best_win[tuple(left)]), mid, float(best_win[tuple(right)]))
-    m_b = pos + best_lo
-    point_b = np.clip(eb.to_case(m_b, fs), 0, np.asarray(eb.case_shape, dtype=float) - 1)
+            best_val, best_cell = float(combined[j]), np.asarray(j, dtype=float) + lo
+    # continuous refinement on interpolated maps
+    pos = best_cell
+    best_val = float(_combined(qc, qf, eb, pos[None])[0])
+    for step, n in ((0.5, 5), (0.25, 3)):
+        cand = np.clip(pos + _offsets(step, n), 0, fshape - 1)
+        vals = _combined(qc, qf, eb, cand)
+        j = int(np.argmax(vals))
+        if vals[j] > best_val:
+            best_val, pos = float(vals[j]), cand[j]
+    point_b = np.clip(eb.to_case(pos, fs), 0, np.asarray(eb.case_shape, dtype=float) - 1)
     return point_b, float(np.clip(best_val, -1.0, 1.0))

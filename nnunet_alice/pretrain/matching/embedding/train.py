@@ -28,8 +28,13 @@ class TrainConfig:
     min_lr: float = 1e-5
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
-    temperature: float = 0.1
-    num_hard: int = 256
+    temperature: float = 0.05
+    num_hard: Optional[int] = None  # keep only the k most similar fine negatives (None: all candidates)
+    coarse_radius: float = 1.0    # neutral zone around a positive, in coarse cells
+    fine_radius: float = 2.0      # ... in fine cells
+    coarse_keys: int = 1024       # random positions of the other view: coarse negatives
+    fine_keys: int = 4096         # random positions of the other view: fine negatives ...
+    fine_local: int = 16          # ... plus this many hard ones near every positive (just outside the radius)
     grad_clip: float = 5.0
     seed: int = 0
     pair: PairConfig = field(default_factory=PairConfig)
@@ -70,8 +75,10 @@ def train_embedding(volumes: Sequence[np.ndarray], arch: Optional[dict] = None, 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     net = AnatomicalEmbeddingNet(arch).to(device)
-    cfg.pair.crop = _round_crop(cfg.pair.crop, net.size_divisor)
     vols_np = [np.ascontiguousarray(v, dtype=np.float32) for v in volumes]
+    if cfg.pair.crop is None:   # whole volumes: the largest volume, capped
+        cfg.pair.crop = tuple(min(int(m), max(v.shape[k] for v in vols_np)) for k, m in enumerate(cfg.pair.max_crop))
+    cfg.pair.crop = _round_crop(cfg.pair.crop, net.size_divisor)
     vols_t = [torch.from_numpy(v).to(device) for v in vols_np]
     fg = [foreground_points(v, seed=cfg.seed + i) for i, v in enumerate(vols_np)]
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -95,7 +102,9 @@ def train_embedding(volumes: Sequence[np.ndarray], arch: Optional[dict] = None, 
         terms = {"coarse": 0.0, "fine": 0.0}
         for j, (_, _, v1, v2, u1, u2) in enumerate(pairs):
             part = pair_loss((coarse[j], coarse[n + j]), (fine[j], fine[n + j]), (v1, v2), (u1, u2),
-                             (net.coarse_stride, net.fine_stride), cfg.temperature, cfg.num_hard)
+                             (net.coarse_stride, net.fine_stride), cfg.temperature, cfg.num_hard,
+                             cfg.coarse_radius, cfg.fine_radius, cfg.fine_keys, rng, cfg.fine_local,
+                             cfg.coarse_keys)
             for k in terms:
                 terms[k] = terms[k] + part[k] / n
         loss = terms["coarse"] + terms["fine"]

@@ -6,7 +6,9 @@ embed *exactly the array the trainer crops from* (channel 0 of the preprocessed 
 
 Coordinates (continuous, voxel centres at integers):
     case voxel p  ->  grid voxel  e = (p + 0.5) * scale - 0.5,   scale = grid_shape / case_shape
-    grid voxel e  ->  map cell    m = (e + 0.5) / stride - 0.5   (cell j covers grid voxels [j*stride, (j+1)*stride))
+    grid voxel e  ->  map cell    m = e / stride   (cell j is centred on grid voxel j*stride: the encoder's
+                                                   stride-2 convolutions, kernel 3, padding 1, centre output j
+                                                   on input 2j; the decoder's skips keep that alignment)
 """
 from __future__ import annotations
 
@@ -66,8 +68,8 @@ def grid_to_case(e: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def grid_to_map(e: np.ndarray, stride: int) -> np.ndarray:
-    return (np.asarray(e, dtype=float) + 0.5) / float(stride) - 0.5
+    return np.asarray(e, dtype=float) / float(stride)
 
 
 def map_to_grid(m: np.ndarray, stride: int) -> np.ndarray:
-    return (np.asarray(m, dtype=float) + 0.5) * float(stride) - 0.5
+    return np.asarray(m, dtype=float) * float(stride)
