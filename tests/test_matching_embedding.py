@@ -85,6 +85,27 @@ def test_coarse_to_fine_search_recovers_a_known_shift():
     assert np.median(errors) < 0.6 and max(errors) < 1.5, errors
 
 
+def test_cycle_check_rejects_inconsistent_matches():
+    rng = np.random.default_rng(4)
+    shape = (32, 32, 32)
+
+    def rand(d, stride, dtype):
+        v = rng.normal(size=(d,) + tuple(-(-n // stride) for n in shape))
+        return (v / np.linalg.norm(v, axis=0, keepdims=True)).astype(dtype)
+
+    store = EmbeddingStore(None, "r" * 64, 2.0)
+    for cid in ("a", "b"):
+        store.memory[cid] = CaseEmbedding(rand(16, 8, np.float32), rand(16, 2, np.float16), np.ones(3), shape, 8, 2)
+    vol = np.zeros((1,) + shape, np.float32)
+    a, b = CaseVolume("a", vol, (1.0, 1.0, 1.0)), CaseVolume("b", vol, (1.0, 1.0, 1.0))
+    checked, plain = EmbeddingMatcher(store), EmbeddingMatcher(store, cycle_tolerance_mm=None)
+    scores = [(checked.match(a, p, b)[1], plain.match(a, p, b)[1]) for p in rng.uniform(4, 28, (10, 3))]
+    assert all(c == p or c <= 0.0 < p for c, p in scores)          # a score is kept or capped at 0
+    assert sum(c <= 0.0 for c, _ in scores) >= 6                  # unrelated maps mostly fail the cycle check
+    assert np.array_equal(checked.match(a, np.array([9.0, 9.0, 9.0]), b)[0],
+                          plain.match(a, np.array([9.0, 9.0, 9.0]), b)[0])    # the point itself is unchanged
+
+
 def test_unrelated_maps_give_low_scores():
     rng = np.random.default_rng(1)
     shape = (32, 32, 32)

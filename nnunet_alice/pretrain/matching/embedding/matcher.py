@@ -5,6 +5,12 @@ trained by ``alice_embed`` embeds every case once (:class:`.cache.EmbeddingStore
 case A is matched into case B by coarse-to-fine cosine similarity (:func:`.search.match_embeddings`);
 the score is the mean of the coarse and fine cosines. Thresholding, retries and the intra fallback are done
 by :func:`nnunet_alice.pretrain.matching.sampling.match_with_retries`, which counts them in ``stats()``.
+
+Cycle check (our addition): the embedding's cosines are high almost everywhere inside the body, so on its
+own the 0.7 threshold accepted nearly every match, wrong ones included (``docs/correspondence.md``). The
+match is therefore mapped back B -> A; if it lands farther than ``cycle_tolerance_mm`` from the query point,
+the score is capped at 0, so the sampler rejects it and retries. ``cycle_tolerance_mm=None`` switches this
+off (plain SAM scoring).
 """
 from __future__ import annotations
 
@@ -31,9 +37,10 @@ class EmbeddingMatcher(Matcher):
     name = "embedding"
     inter_volume = True
 
-    def __init__(self, store: EmbeddingStore, top_k: int = 8):
+    def __init__(self, store: EmbeddingStore, top_k: int = 8, cycle_tolerance_mm: Optional[float] = 8.0):
         self.store = store
         self.top_k = int(top_k)
+        self.cycle_tolerance_mm = cycle_tolerance_mm
         self.match_stats = MatchStats()
 
     # ------------------------------------------------------------------ construction
@@ -83,8 +90,14 @@ class EmbeddingMatcher(Matcher):
             progress.close()
 
     def match(self, case_a: CaseVolume, point_a: np.ndarray, case_b: CaseVolume) -> Tuple[np.ndarray, float]:
-        return match_embeddings(self.store.get(case_a), np.asarray(point_a, dtype=float),
-                                self.store.get(case_b), self.top_k)
+        ea, eb = self.store.get(case_a), self.store.get(case_b)
+        point_a = np.asarray(point_a, dtype=float)
+        point_b, score = match_embeddings(ea, point_a, eb, self.top_k)
+        if self.cycle_tolerance_mm is not None:
+            back, _ = match_embeddings(eb, point_b, ea, self.top_k)
+            if np.linalg.norm((back - point_a) * np.asarray(case_a.spacing, dtype=float)) > self.cycle_tolerance_mm:
+                score = min(score, 0.0)
+        return point_b, score
 
     def stats(self) -> dict:
         return self.match_stats.as_dict()
