@@ -1,6 +1,7 @@
 """Pretraining data and views on a real tiny preprocessed nnU-Net dataset (session fixture ``synth_dataset``):
 ``PretrainData`` (images only, cached unlabeled pool, naming errors) and ``ViewSampler`` / ``make_loader``
 (shapes, masks, a deterministic stream independent of the number of workers)."""
+import json
 import os
 import random
 import shutil
@@ -109,6 +110,9 @@ def test_changed_unlabeled_source_is_preprocessed_again(synth_dataset, pre_copy,
     first = sorted(src.iterdir())[0]
     st = first.stat()
     os.utime(first, (st.st_atime, st.st_mtime - 100))
+    second = sorted(src.iterdir())[1].name[: -len("_0000.nii.gz")]
+    out = pre_copy / UNLABELED_SUBDIR / "nnUNetPlans_3d_fullres"
+    (out / (second + ".source.json")).write_text('[["half-wri')      # a stamp cut short: redo, never crash
     calls = []
     real = PretrainData._preprocess_one
 
@@ -121,7 +125,8 @@ def test_changed_unlabeled_source_is_preprocessed_again(synth_dataset, pre_copy,
         _data(synth_dataset, [src])
     finally:
         PretrainData._preprocess_one = real
-    assert calls == [first.name[: -len("_0000.nii.gz")]]
+    assert sorted(calls) == sorted([first.name[: -len("_0000.nii.gz")], second])
+    assert json.loads((out / (second + ".source.json")).read_text())[0][1] > 0   # rewritten whole
 
 
 @pytest.mark.parametrize("bad_name", ["scan.nii.gz", "case_0000.nii", "case_000.nii.gz"])

@@ -19,6 +19,7 @@ import numpy as np
 
 from nnunet_alice.errors import AliceError
 from nnunet_alice.pretrain.matching.base import CaseVolume
+from nnunet_alice.pretrain.matching.fingerprint import read_json_or_none, write_json_atomic
 
 UNLABELED_SUBDIR = "alice_unlabeled"
 
@@ -169,11 +170,10 @@ class PretrainData:
             files = [channels[c] for c in range(self.num_input_channels)]
             stamp = [[os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
             stamp_file = os.path.join(out_dir, case_id + ".source.json")
-            done = os.path.isfile(os.path.join(out_dir, case_id + ".b2nd")) and os.path.isfile(stamp_file)
-            if not done or json.load(open(stamp_file)) != stamp:
+            done = os.path.isfile(os.path.join(out_dir, case_id + ".b2nd"))
+            if not done or read_json_or_none(stamp_file) != stamp:   # missing, stale or corrupt stamp: redo
                 self._preprocess_one(files, out_dir, case_id)
-                with open(stamp_file, "w") as f:
-                    json.dump(stamp, f)
+                write_json_atomic(stamp_file, stamp)
             refs.append(CaseRef(case_id, out_dir, "unlabeled"))
         return refs
 
