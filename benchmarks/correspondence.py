@@ -8,6 +8,9 @@ deformed volume's voxels to the base; its inverse is found by fixed-point iterat
 * ``ct_head``: the InVesalius head CT (Debian ``invesalius-examples``), resampled to 2 mm (skipped if absent);
 * ``phantom``: a synthetic body phantom (ellipsoid organs, tubes, texture) at 2 mm.
 
+Deformations: ``mild`` (elastic up to 6 mm), ``strong`` (12 mm), ``fov`` (mild, and every volume cropped to
+its own field of view, 60-85 % of the extent per axis).
+
 For every matcher (``intra`` = identity, no matching, i.e. the pair's misalignment; ``registration``;
 ``embedding``), each query point (foreground, sampled as in pretraining) is matched once and the error
 ``|p_b_est - p_b_true|`` is measured in mm: median, 90th percentile, fraction within 5 mm, the fraction with
@@ -15,12 +18,11 @@ score >= 0.7 (accepted by the sampler) and the median error of those, matching t
 per-case preparation time (registration / embedding). The embedding network is trained per base on a pool
 of *other* random deformations of it (never the test volumes); its training time is reported.
 
-    python benchmarks/correspondence.py [--steps 600] [--out docs/correspondence.md]
+    python benchmarks/correspondence.py [--steps 600] [--out docs/correspondence_benchmark.md]
 """
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import platform
 import plistlib
@@ -135,13 +137,37 @@ class Deformation:
         return map_coordinates(base, y.T, order=1, cval=float(base.min())).reshape(self.shape).astype(np.float32)
 
 
+class CroppedDeformation:
+    """A :class:`Deformation` whose output is a sub-box of the frame: a scan with its own field of view."""
+
+    def __init__(self, inner: Deformation, rng: np.random.Generator, fraction=(0.6, 0.85)):
+        self.inner = inner
+        self.base_shape = inner.shape
+        size = [int(round(n * rng.uniform(*fraction))) for n in inner.shape]
+        self.lo = np.asarray([int(rng.integers(0, n - s + 1)) for n, s in zip(inner.shape, size)], dtype=float)
+        self.shape = tuple(size)
+
+    def forward(self, p: np.ndarray) -> np.ndarray:
+        return self.inner.forward(p + self.lo)
+
+    def inverse(self, y: np.ndarray, iterations: int = 40) -> Tuple[np.ndarray, np.ndarray]:
+        p, res = self.inner.inverse(y, iterations)
+        return p - self.lo, res
+
+    def warp(self, base: np.ndarray) -> np.ndarray:
+        lo = self.lo.astype(int)
+        return np.ascontiguousarray(self.inner.warp(base)[tuple(slice(a, a + n) for a, n in zip(lo, self.shape))])
+
+
 # ---------------------------------------------------------------------------- data sets of pairs
-def make_pairs(base: np.ndarray, n_pairs: int, seed: int, elastic_mm: float
+def make_pairs(base: np.ndarray, n_pairs: int, seed: int, elastic_mm: float, crop: bool = False
                ) -> List[Tuple[CaseVolume, CaseVolume, Deformation, Deformation]]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n_pairs):
         ta, tb = Deformation(base.shape, rng, elastic_mm=elastic_mm), Deformation(base.shape, rng, elastic_mm=elastic_mm)
+        if crop:
+            ta, tb = CroppedDeformation(ta, rng), CroppedDeformation(tb, rng)
         a = CaseVolume(f"pair{i}_a", ta.warp(base)[None], SPACING)
         b = CaseVolume(f"pair{i}_b", tb.warp(base)[None], SPACING)
         out.append((a, b, ta, tb))
@@ -164,8 +190,8 @@ def make_queries(pairs, n_queries: int, seed: int) -> List[Tuple[np.ndarray, np.
     return out
 
 
-def base_shape_of(t: Deformation):
-    return t.shape
+def base_shape_of(t) -> Tuple[int, ...]:
+    return getattr(t, "base_shape", t.shape)
 
 
 def evaluate(matcher, pairs, queries, threshold: float = 0.7) -> Dict[str, float]:
@@ -186,12 +212,38 @@ def evaluate(matcher, pairs, queries, threshold: float = 0.7) -> Dict[str, float
 
 
 # ---------------------------------------------------------------------------- the matchers
+DEFORMATIONS = (("mild", 6.0, False), ("strong", 12.0, False), ("fov", 6.0, True))
+
+
+def trained_embedding(name: str, pool: List[np.ndarray], args):
+    """Train the embedding on ``pool`` (or load it from ``--model-dir`` when the same settings trained it)."""
+    from nnunet_alice.pretrain.matching.embedding.model_file import load_model, save_model
+    from nnunet_alice.pretrain.matching.embedding.train import TrainConfig, train_embedding
+
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    path = None
+    if args.model_dir:
+        path = os.path.join(args.model_dir, f"{name}_steps{args.steps}_b{args.batch_size}_v{args.train_volumes}"
+                            f"_s{args.seed}_g{args.target_spacing:g}.pth")
+        if os.path.isfile(path):
+            net, ckpt, _ = load_model(path)
+            print(f"  embedding loaded from {path}", flush=True)
+            return net.eval(), float(ckpt["training"]["seconds"])
+    t0 = time.perf_counter()
+    net, _ = train_embedding(pool, cfg=cfg, device="cpu", progress=False,
+                             log=lambda s: print("   ", s, flush=True), log_every=max(1, args.steps // 5))
+    train_s = time.perf_counter() - t0
+    print(f"  embedding trained in {train_s:.0f} s", flush=True)
+    if path:
+        save_model(path, net, {"target_spacing": args.target_spacing, "training": {"seconds": train_s}})
+    return net, train_s
+
+
 def run_dataset(name: str, base: np.ndarray, args) -> List[Dict]:
     import torch
 
     from nnunet_alice.pretrain.matching.embedding.cache import EmbeddingStore
     from nnunet_alice.pretrain.matching.embedding.matcher import EmbeddingMatcher
-    from nnunet_alice.pretrain.matching.embedding.train import TrainConfig, train_embedding
     from nnunet_alice.pretrain.matching.embedding.volume import to_embedding_grid
     from nnunet_alice.pretrain.matching.intra import IntraVolumeMatcher
     from nnunet_alice.pretrain.matching.registration import RegistrationMatcher
@@ -207,19 +259,22 @@ def run_dataset(name: str, base: np.ndarray, args) -> List[Dict]:
               f"(median {r['median_accepted']:.2f})  {r['ms_per_query']:.1f} ms/query  prep {prep_s:.2f} s/case",
               flush=True)
 
-    # embedding: trained once per base on a pool of other random deformations of it ("subjects")
+    # embedding: trained once per base on a pool of other random deformations of it ("subjects"), every
+    # other one with its own field of view (a crop of 60-100 % per axis), as the scans of a real data set
     rng = np.random.default_rng(args.seed + 100)
-    pool = [to_embedding_grid(Deformation(base.shape, rng, elastic_mm=rng.uniform(4.0, 14.0)).warp(base),
-                              SPACING, args.target_spacing)[0] for _ in range(args.train_volumes)]
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-    t0 = time.perf_counter()
-    net, history = train_embedding(pool, cfg=cfg, device="cpu", progress=False,
-                                   log=lambda s: print("   ", s, flush=True), log_every=max(1, args.steps // 5))
-    train_s = time.perf_counter() - t0
-    print(f"  embedding trained in {train_s:.0f} s", flush=True)
+    pool = []
+    for i in range(args.train_volumes):
+        t = Deformation(base.shape, rng, elastic_mm=rng.uniform(4.0, 14.0))
+        if i % 2:
+            t = CroppedDeformation(t, rng, fraction=(0.6, 1.0))
+        pool.append(to_embedding_grid(t.warp(base), SPACING, args.target_spacing)[0])
+    net, train_s = trained_embedding(name, pool, args)
 
-    for deformation, elastic_mm in (("mild", 6.0), ("strong", 12.0)):
-        pairs = make_pairs(base, args.pairs, seed=args.seed + int(elastic_mm), elastic_mm=elastic_mm)
+    for deformation, elastic_mm, crop in DEFORMATIONS:
+        if deformation not in args.deformations:
+            continue
+        pairs = make_pairs(base, args.pairs, seed=args.seed + int(elastic_mm) + 100 * crop, elastic_mm=elastic_mm,
+                           crop=crop)
         queries = make_queries(pairs, args.queries, seed=args.seed + 1)
         cases = [c for a, b, _, _ in pairs for c in (a, b)]
 
@@ -233,7 +288,8 @@ def run_dataset(name: str, base: np.ndarray, args) -> List[Dict]:
         emb = EmbeddingMatcher(EmbeddingStore(net, "benchmark", args.target_spacing, root=None))
         t0 = time.perf_counter()
         with torch.no_grad():
-            emb.prepare(cases)
+            for case in cases:
+                emb.store.refresh(case)
         prep_s = (time.perf_counter() - t0) / len(cases)
         row(deformation, "embedding", evaluate(emb, pairs, queries), prep_s, train_s)
         plain = EmbeddingMatcher(emb.store, cycle_tolerance_mm=None)      # same maps, SAM's plain score
@@ -253,11 +309,14 @@ def markdown(rows: List[Dict], args, total_s: float) -> str:
         "Each pair is two independent random deformations of one base volume at 2 mm: an affine part "
         "(rotation ±10° per axis, scale ±8 % per axis, translation ±8 mm) and a smooth elastic field "
         "(random nodes every 40 mm, cubic interpolation) with a maximum displacement of 6 mm (*mild*) or "
-        "12 mm (*strong*); the true partner of every query point is known (the inverse is computed by "
-        "fixed-point iteration). Query points are foreground voxels drawn by the pretraining sampler. "
+        "12 mm (*strong*); *fov* is the mild deformation plus a field of view of its own for every volume (a "
+        "random box of 60-85 % of the extent per axis, like scans that start and stop at different "
+        "levels). The true partner of every query point is known (the inverse is computed by "
+        "fixed-point iteration); query points without a partner inside B are not used. Query points are foreground voxels drawn by the pretraining sampler. "
         "`intra` is the identity (no matching) and shows how far apart the pair is. `registration` is "
         "affine (similarity then affine, Mattes MI) to the first volume, composed A→ref→B. The embedding "
-        "network is trained per base volume on other random deformations of it (never the test volumes): "
+        "network is trained per base volume on other random deformations of it, every other one cropped to "
+        "60-100 % per axis (never the test volumes): "
         "it has seen this anatomy but not these deformations, as `alice_embed` sees a dataset's own scans. "
         "`embedding` is the matcher as used in pretraining (its score is capped at 0 when the match, mapped "
         "back B→A, lands more than 8 mm from the query: cycle check); `embedding, no cycle check` scores the "
@@ -300,7 +359,10 @@ def main(argv=None) -> None:
     ap.add_argument("--train-volumes", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core box)")
-    ap.add_argument("--out", default="docs/correspondence.md")
+    ap.add_argument("--deformations", nargs="+", default=[d[0] for d in DEFORMATIONS],
+                    choices=[d[0] for d in DEFORMATIONS])
+    ap.add_argument("--model-dir", default=None, help="keep trained embedding models here and reuse them")
+    ap.add_argument("--out", default="docs/correspondence_benchmark.md")
     args = ap.parse_args(argv)
     import torch
     torch.set_num_threads(args.threads)
