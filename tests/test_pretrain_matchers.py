@@ -86,3 +86,26 @@ def test_embedding_matcher_without_a_model_is_one_line_and_writes_nothing(box, c
     assert err.startswith("error:") and "\n" not in err
     assert f"alice_embed -d {box.dataset_name} -c 3d_fullres -p {TINY_PLANS}" in err
     assert not list(results.glob(f"{box.dataset_name}/AlicePretrain__*/*.pth"))
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"match_threshold": 1.5}, "--match-threshold must be in [-1, 1]"),
+    ({"match_tries": 0}, "--match-tries must be >= 1"),
+    ({"matcher": "sam"}, "--matcher must be one of"),
+])
+def test_bad_matcher_settings_are_refused(overrides, expected):
+    from nnunet_alice.errors import AliceError
+    from nnunet_alice.pretrain.config import PretrainConfig
+
+    with pytest.raises(AliceError) as e:
+        PretrainConfig(objective="alice", **overrides).validate()
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_match_options_reach_the_config(box):
+    from nnunet_alice.pretrain.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["-d", str(box.dataset_id), "-p", TINY_PLANS, "--matcher", "registration",
+                                      "--match-threshold", "0.5", "--match-tries", "7"])
+    cfg = config_from_args(args)
+    assert (cfg.matcher, cfg.match_threshold, cfg.match_tries) == ("registration", 0.5, 7)

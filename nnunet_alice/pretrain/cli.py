@@ -45,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no view augmentation (the official code's behaviour)")
     o.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
     o.add_argument("--mask-block-size", type=int, default=d.mask_block_size, help="mask block edge in voxels")
-    o.add_argument("--match-threshold", type=float, default=d.match_threshold)
+    o.add_argument("--match-threshold", type=float, default=d.match_threshold,
+                   help="accept a match scoring at least this (registration: local NCC; embedding: mean cosine)")
+    o.add_argument("--match-tries", type=int, default=d.match_tries,
+                   help="query points tried per sample before falling back to the same volume (intra)")
     o.add_argument("--teacher-temp", type=float, default=d.teacher_temp)
     o.add_argument("--warmup-teacher-temp", type=float, default=d.warmup_teacher_temp)
     o.add_argument("--student-temp", type=float, default=d.student_temp)

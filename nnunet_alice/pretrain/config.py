@@ -112,6 +112,10 @@ class PretrainConfig:
         if self.objective == "alice" and not (self.use_cls or self.use_casa):
             bad("--objective alice needs at least one of the CLS and CASA terms; "
                 "drop --no-cls/--no-casa or use --objective mae")
+        if not -1.0 <= self.match_threshold <= 1.0:
+            bad(f"--match-threshold must be in [-1, 1] (scores are correlations/cosines), got {self.match_threshold}")
+        if self.match_tries < 1:
+            bad(f"--match-tries must be >= 1, got {self.match_tries}")
         if self.batch_size is not None and self.batch_size < 1:
             bad(f"--batch-size must be >= 1, got {self.batch_size}")
         return self
