@@ -174,6 +174,31 @@ def test_trained_embedding_recovers_a_known_translation():
     assert np.median(errors) < 0.5 * identity_error, (np.median(errors), identity_error)
 
 
+@pytest.mark.parametrize("fov_prob", [0.0, 1.0])
+def test_training_pairs_correspond_inside_both_fields_of_view(fov_prob):
+    from scipy.ndimage import map_coordinates
+    from nnunet_alice.pretrain.matching.embedding.pairs import PairConfig, make_pair
+    from nnunet_alice.pretrain.matching.embedding.train import foreground_points
+
+    vol = normalize_intensity(blobs((32, 32, 32), seed=2))
+    cfg = PairConfig(crop=(32, 32, 32), points=64, fov_prob=fov_prob, fov_range=(0.6, 0.8))
+    rng = np.random.default_rng(0)
+    corrs, zero_fraction = [], []
+    for _ in range(4):
+        c1, c2, _, _, u1, u2 = make_pair(torch.from_numpy(vol), vol, foreground_points(vol), rng, cfg)
+        a = map_coordinates(c1[0].numpy(), u1.T, order=1)
+        b = map_coordinates(c2[0].numpy(), u2.T, order=1)
+        assert len(u1) > 16
+        corrs.append(np.corrcoef(a, b)[0, 1])
+        zero_fraction.append(float((c1 == 0).float().mean() + (c2 == 0).float().mean()) / 2)
+        assert np.all(np.abs(a) > 0) and np.all(np.abs(b) > 0)          # points lie inside both fields of view
+    assert np.median(corrs) > 0.8, corrs                                  # same anatomy at u1 and u2
+    if fov_prob == 1.0:
+        assert min(zero_fraction) > 0.3                                   # 0.6-0.8 per axis: most of the crop cut
+    else:
+        assert max(zero_fraction) < 0.05
+
+
 def test_model_file_round_trip_and_format_check(tmp_path):
     net = AnatomicalEmbeddingNet(TINY).eval()
     path = str(tmp_path / "m" / "checkpoint_final.pth")

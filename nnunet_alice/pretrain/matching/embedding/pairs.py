@@ -34,6 +34,8 @@ class PairConfig:
     elastic_voxels: float = 2.5     # amplitude (grid voxels) of view 1's smooth displacement
     elastic_nodes: int = 4          # control points per axis of that displacement
     points: int = 512               # corresponding points per pair
+    fov_prob: float = 0.5           # chance that a view gets a field of view of its own (a box, rest zeroed)
+    fov_range: Tuple[float, float] = (0.6, 1.0)   # that box's edge, fraction of the crop per axis
 
 
 def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
@@ -101,12 +103,32 @@ def augment_intensity(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
     return x
 
 
+def random_fov(rng: np.random.Generator, cfg: PairConfig) -> Tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)`` crop coordinates of a view's field of view: the whole crop, or a random sub-box."""
+    crop = np.asarray(cfg.crop, dtype=float)
+    if rng.uniform() >= cfg.fov_prob:
+        return np.zeros(3), crop - 1
+    size = np.maximum(np.round(crop * rng.uniform(*cfg.fov_range, size=3)), 2)
+    lo = np.floor(rng.uniform(0, 1, 3) * (crop - size + 1))
+    return lo, lo + size - 1
+
+
+def _inside(u: np.ndarray, box: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return np.all((u >= box[0]) & (u <= box[1]), axis=1)
+
+
 def make_pair(volume: torch.Tensor, volume_np: np.ndarray, foreground: np.ndarray, rng: np.random.Generator,
               cfg: PairConfig):
     """Two augmented crops of ``volume`` (X, Y, Z tensor; ``volume_np`` the same as numpy) and ``cfg.points`` corresponding crop coordinates.
 
     Returns ``(crop1, crop2, view1, view2, u1, u2)``: crops (1, *crop) tensors, ``u1``/``u2`` (N, 3) float
     arrays of matching crop coordinates (query points drawn preferably on foreground).
+
+    Field of view: with probability ``cfg.fov_prob`` a view keeps only a random box of its crop (60-100 % per
+    axis) and is zero elsewhere, independently per view, like scans that start and stop at different levels;
+    corresponding points are drawn inside both boxes. Without this, both views share the volume's borders
+    and the embedding can encode the distance to them, which does not carry over to a scan with another
+    field of view (``docs/correspondence.md``).
     """
     shape = np.asarray(volume.shape, dtype=float)
     crop = np.asarray(cfg.crop, dtype=float)
@@ -116,16 +138,23 @@ def make_pair(volume: torch.Tensor, volume_np: np.ndarray, foreground: np.ndarra
     v1 = random_view(rng, c1, cfg, elastic=True)
     v2 = random_view(rng, c2, cfg, elastic=False)
     vol = volume[None, None]
-    crops = []
+    crops, boxes = [], []
     for v in (v1, v2):
         g = v.sampling_grid(volume.shape).to(volume.device)
-        crops.append(augment_intensity(F.grid_sample(vol, g, mode="bilinear", padding_mode="zeros",
-                                                     align_corners=True)[0], rng))
-    # corresponding points: drawn in view 1, kept where they land inside view 2, foreground first
-    cand = rng.uniform(0, crop - 1, size=(cfg.points * 6, 3))
+        x = augment_intensity(F.grid_sample(vol, g, mode="bilinear", padding_mode="zeros", align_corners=True)[0],
+                              rng)
+        lo, hi = random_fov(rng, cfg)
+        if np.any(lo > 0) or np.any(hi < crop - 1):
+            keep = torch.zeros_like(x)
+            keep[(slice(None),) + tuple(slice(int(a), int(b) + 1) for a, b in zip(lo, hi))] = 1.0
+            x = x * keep
+        crops.append(x)
+        boxes.append((lo, hi))
+    # corresponding points: drawn in view 1's field of view, kept where they land inside view 2's, foreground first
+    cand = boxes[0][0] + rng.uniform(0, 1, size=(cfg.points * 6, 3)) * (boxes[0][1] - boxes[0][0])
     x = v1.positions(cand)
     u2 = v2.inverse_affine(x)
-    ok = np.all((u2 >= 0) & (u2 <= crop - 1), axis=1) & np.all((x >= 0) & (x <= shape - 1), axis=1)
+    ok = _inside(u2, boxes[1]) & np.all((x >= 0) & (x <= shape - 1), axis=1)
     cand, u2, x = cand[ok], u2[ok], x[ok]
     if len(cand):
         vals = map_coordinates(volume_np, x.T, order=1)
