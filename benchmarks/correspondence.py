@@ -37,6 +37,7 @@ from scipy.ndimage import gaussian_filter, map_coordinates, zoom
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nnunet_alice.pretrain.matching.base import CaseVolume  # noqa: E402
+from nnunet_alice.pretrain.matching.embedding.matcher import CYCLE_TOLERANCE_MM  # noqa: E402
 
 CRANIUM = "/usr/share/doc/invesalius-examples/examples/Cranium.inv3"
 SPACING = (2.0, 2.0, 2.0)
@@ -328,7 +329,8 @@ def markdown(rows: List[Dict], args, total_s: float) -> str:
         "60-100 % per axis (never the test volumes): "
         "it has seen this anatomy but not these deformations, as `alice_embed` sees a dataset's own scans. "
         "`embedding` is the matcher as used in pretraining (its score is capped at 0 when the match, mapped "
-        "back B→A, lands more than 8 mm from the query: cycle check); `embedding, no cycle check` scores the "
+        f"back B→A, lands more than {CYCLE_TOLERANCE_MM:g} mm from the query: cycle check); "
+        "`embedding, no cycle check` scores the "
         "same matches with the plain mean cosine (SAM). The error columns count every query, accepted or "
         "not; `score ≥ 0.7` is the fraction the sampler would accept at the first try, and the next column "
         "the median error of those.",

@@ -33,11 +33,15 @@ def _device(name: Optional[str]) -> str:
     return "cpu"
 
 
+#: one fine cell of the default 4 mm grid; 8 mm accepted more wrong matches (docs/correspondence.md)
+CYCLE_TOLERANCE_MM = 4.0
+
+
 class EmbeddingMatcher(Matcher):
     name = "embedding"
     inter_volume = True
 
-    def __init__(self, store: EmbeddingStore, top_k: int = 8, cycle_tolerance_mm: Optional[float] = 8.0):
+    def __init__(self, store: EmbeddingStore, top_k: int = 8, cycle_tolerance_mm: Optional[float] = CYCLE_TOLERANCE_MM):
         self.store = store
         self.top_k = int(top_k)
         self.cycle_tolerance_mm = cycle_tolerance_mm
