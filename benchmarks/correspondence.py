@@ -237,6 +237,7 @@ def trained_embedding(name: str, pool: List[np.ndarray], args):
         if os.path.isfile(path):
             net, ckpt, _ = load_model(path)
             print(f"  embedding loaded from {path}", flush=True)
+            args.loaded_models = True
             return net.eval(), float(ckpt["training"]["seconds"])
     t0 = time.perf_counter()
     net, _ = train_embedding(pool, cfg=cfg, device="cpu", progress=False,
@@ -356,7 +357,10 @@ def markdown(rows: List[Dict], args, total_s: float) -> str:
                  f"{args.steps} steps, batch {args.batch_size} pair(s) of "
                  f"{f'{args.crop}-cell crops' if args.crop else 'whole-volume views'} on the "
                  f"{args.target_spacing:g} mm embedding grid (the `alice_embed` defaults otherwise), "
-                 f"{args.train_volumes} training volumes per base.")
+                 f"{args.train_volumes} training volumes per base."
+                 + (" The embedding models were loaded from `--model-dir`, trained by an earlier run with the "
+                    "same settings; `training s` is that run's time." if getattr(args, "loaded_models", False)
+                    else ""))
     return "\n".join(lines) + "\n"
 
 
