@@ -218,7 +218,7 @@ DEFORMATIONS = (("mild", 6.0, False), ("strong", 12.0, False), ("fov", 6.0, True
 
 def variant_suffix(args, sep: str = " ") -> str:
     """Names a training ablation (``--crop``, ``--num-hard``) in model files and matcher labels."""
-    parts = ([f"crop{args.crop}"] if args.crop else []) + ([f"hard{args.num_hard}"] if args.num_hard else [])
+    parts = ([f"crop{args.crop}"] if args.crop else []) + ([f"hard{args.num_hard}"] if args.num_hard is not None else [])
     return "".join(sep + p for p in parts)
 
 
@@ -227,7 +227,9 @@ def trained_embedding(name: str, pool: List[np.ndarray], args):
     from nnunet_alice.pretrain.matching.embedding.model_file import load_model, save_model
     from nnunet_alice.pretrain.matching.embedding.train import TrainConfig, train_embedding
 
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, num_hard=args.num_hard)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+    if args.num_hard is not None:
+        cfg.num_hard = args.num_hard if args.num_hard > 0 else None
     if args.crop:
         cfg.pair.crop = (args.crop,) * 3
     path = None
@@ -380,7 +382,7 @@ def main(argv=None) -> None:
     ap.add_argument("--crop", type=int, default=None,
                     help="ablation: train on crops of this edge (embedding-grid cells) instead of whole volumes")
     ap.add_argument("--num-hard", type=int, default=None,
-                    help="ablation: keep only the k hardest fine negatives (SAM's mining) instead of all")
+                    help="ablation: keep the k hardest fine negatives (0: all) instead of the default 128")
     ap.add_argument("--model-dir", default=None, help="keep trained embedding models here and reuse them")
     ap.add_argument("--out", default="docs/correspondence_benchmark.md")
     args = ap.parse_args(argv)

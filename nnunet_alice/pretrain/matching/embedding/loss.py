@@ -8,9 +8,10 @@ neither positive nor negative). As in SAM:
   body a point lies;
 * fine (local) map: the same global negatives plus *hard* negatives, the locations just outside the radius
   around the positive (the most similar non-corresponding locations: same anatomy, a few mm off), so the
-  fine map learns to localise precisely. Optionally (``num_hard``) only the k negatives with the highest
-  matching score of inference (mean of coarse and fine cosine) are kept, SAM's hard-negative mining; with
-  short CPU trainings keeping all candidates worked better (``docs/correspondence.md``).
+  fine map learns to localise precisely. Of these, only the ``num_hard`` (128 by default; ``None`` keeps all)
+  negatives with the highest matching score of inference (mean of coarse and fine cosine) are kept, SAM's
+  hard-negative mining; it lowered the median error on MNI from 3.3 / 5.5 / 4.6 mm to 2.4 / 4.2 / 3.6 mm
+  (mild / strong / field-of-view pairs, ``docs/correspondence.md``).
 
 All embeddings (queries, positives, negatives) are sampled at continuous positions, trilinearly, and
 re-normalised; both directions (view 1 -> 2 and 2 -> 1) are averaged.

@@ -29,7 +29,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05
     temperature: float = 0.05
-    num_hard: Optional[int] = None  # keep only the k most similar fine negatives (None: all candidates)
+    num_hard: Optional[int] = 128   # keep only the k most similar fine negatives (None: all candidates)
     coarse_radius: float = 1.0    # neutral zone around a positive, in coarse cells
     fine_radius: float = 2.0      # ... in fine cells
     coarse_keys: int = 1024       # random positions of the other view: coarse negatives
