@@ -18,7 +18,7 @@ from nnunet_alice.pretrain.matching.embedding.model_file import load_model, mode
 from nnunet_alice.pretrain.matching.embedding.network import AnatomicalEmbeddingNet, embed_volume
 from nnunet_alice.pretrain.matching.embedding.search import CaseEmbedding, match_embeddings
 from nnunet_alice.pretrain.matching.embedding.train import TrainConfig, train_embedding
-from nnunet_alice.pretrain.matching.embedding.volume import normalize_intensity, to_embedding_grid
+from nnunet_alice.pretrain.matching.embedding.volume import normalize_intensity
 from nnunet_alice.pretrain.matching.sampling import match_with_retries
 
 TINY = {"features": [4, 8, 16], "n_conv_per_stage": 1, "fine_dim": 8, "coarse_dim": 8,
@@ -85,17 +85,21 @@ def test_coarse_to_fine_search_recovers_a_known_shift():
     assert np.median(errors) < 0.6 and max(errors) < 1.5, errors
 
 
+def random_embedding(rng, shape):
+    """Unrelated unit vectors: 16-d coarse map at stride 8, 16-d fine map at stride 2 (fp16, as cached)."""
+    def rand(stride, dtype):
+        v = rng.normal(size=(16,) + tuple(-(-n // stride) for n in shape))
+        return (v / np.linalg.norm(v, axis=0, keepdims=True)).astype(dtype)
+
+    return CaseEmbedding(rand(8, np.float32), rand(2, np.float16), np.ones(3), shape, 8, 2)
+
+
 def test_cycle_check_rejects_inconsistent_matches():
     rng = np.random.default_rng(4)
     shape = (32, 32, 32)
-
-    def rand(d, stride, dtype):
-        v = rng.normal(size=(d,) + tuple(-(-n // stride) for n in shape))
-        return (v / np.linalg.norm(v, axis=0, keepdims=True)).astype(dtype)
-
     store = EmbeddingStore(None, "r" * 64, 2.0)
     for cid in ("a", "b"):
-        store.memory[cid] = CaseEmbedding(rand(16, 8, np.float32), rand(16, 2, np.float16), np.ones(3), shape, 8, 2)
+        store.memory[cid] = random_embedding(rng, shape)
     vol = np.zeros((1,) + shape, np.float32)
     a, b = CaseVolume("a", vol, (1.0, 1.0, 1.0)), CaseVolume("b", vol, (1.0, 1.0, 1.0))
     checked, plain = EmbeddingMatcher(store), EmbeddingMatcher(store, cycle_tolerance_mm=None)
@@ -109,13 +113,7 @@ def test_cycle_check_rejects_inconsistent_matches():
 def test_unrelated_maps_give_low_scores():
     rng = np.random.default_rng(1)
     shape = (32, 32, 32)
-
-    def rand(d, stride, dtype):
-        v = rng.normal(size=(d,) + tuple(-(-n // stride) for n in shape))
-        return (v / np.linalg.norm(v, axis=0, keepdims=True)).astype(dtype)
-
-    ea = CaseEmbedding(rand(16, 8, np.float32), rand(16, 2, np.float16), np.ones(3), shape, 8, 2)
-    eb = CaseEmbedding(rand(16, 8, np.float32), rand(16, 2, np.float16), np.ones(3), shape, 8, 2)
+    ea, eb = random_embedding(rng, shape), random_embedding(rng, shape)
     _, score = match_embeddings(ea, np.array([16.0, 16.0, 16.0]), eb)
     assert score < 0.7
 

@@ -31,7 +31,7 @@ def box(sandbox, monkeypatch, tmp_path):
 
 
 def _run(box, matcher: str, steps: int = 3):
-    cfg = pretrain_config(box, objective="alice", steps=steps, matcher=matcher, log_every=1)
+    cfg = pretrain_config(box, objective="alice", steps=steps, matcher=matcher)   # logs every step
     path = PretrainRun(cfg).run()
     ckpt = load_checkpoint(path)
     log = Path(path).parent / "training_log.txt"
