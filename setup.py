@@ -217,6 +217,7 @@ setup(
             "alice_demo_data=nnunet_alice.tools.demo_data:main",
             "alice_benchmark=nnunet_alice.tools.benchmark:main",
             "alice_doctor=nnunet_alice.tools.doctor:main",
+            "alice_probe=nnunet_alice.tools.probe:main",
             "nnunet_alice_ext_path=nnunet_alice.discovery:main",
         ]
     },
