@@ -1,6 +1,8 @@
-"""Tests of ``alice_demo_data``: layout, geometry, labels, determinism, disjoint splits, nnU-Net validity, errors.
+"""Tests of ``alice_demo_data``: layout, geometry, labels, determinism, disjoint splits, nnU-Net validity, errors;
+the ``anatomy`` task: every class in every subject, labels carried by the deformation, not solvable by intensity.
 
-Small datasets at 4 mm keep the file fast. Sources that are not installed are skipped with the reason.
+Small datasets at 4 mm keep the file fast. Sources that are not installed are skipped with the reason; the CT
+code path is also run on a small phantom written in the InVesalius format.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_alice.errors import AliceError
-from nnunet_alice.tools import demo_data, demo_sources
+from nnunet_alice.tools import demo_augment, demo_data, demo_sources
 from nnunet_alice.tools.demo_data import case_ids, make_demo_dataset
 
 HAS_NILEARN = importlib.util.find_spec("nilearn") is not None
@@ -24,8 +26,8 @@ needs_ct = pytest.mark.skipif(not HAS_CT, reason="Cranium.inv3 missing (apt-get 
 SOURCE_PARAMS = [pytest.param("mni", marks=needs_mni), pytest.param("ct", marks=needs_ct)]
 SPACING = 4.0
 COUNTS = dict(num_train=2, num_test=2, num_unlabeled=2)
-LABELS = {"mni": {"background": 0, "grey_matter": 1, "white_matter": 2},
-          "ct": {"background": 0, "soft_tissue": 1, "bone": 2}}
+LABELS = {"mni": demo_sources.MNI_ANATOMY_LABELS, "ct": demo_sources.CT_TISSUE_LABELS}
+TASK = {"mni": "anatomy", "ct": "tissue"}
 
 
 def _make(root, source, seed=0, dataset_id=990, **kw):
@@ -52,7 +54,7 @@ def dataset(request, tmp_path_factory):
 
 def test_layout_and_dataset_json(dataset):
     source, folder = dataset
-    name = {"mni": "AliceDemoMNI", "ct": "AliceDemoCT"}[source]
+    name = {"mni": "AliceDemoAnatomy", "ct": "AliceDemoCT"}[source]
     assert os.path.basename(folder) == f"Dataset990_{name}"
     assert sorted(os.listdir(folder)) == sorted(
         ["dataset.json", "imagesTr", "labelsTr", "imagesTs", "labelsTs", "imagesUnlabeled"])
@@ -61,6 +63,7 @@ def test_layout_and_dataset_json(dataset):
     assert dj["labels"] == LABELS[source]
     assert dj["numTraining"] == 2 and dj["file_ending"] == ".nii.gz"
     assert dj["alice_demo"]["source"] == source and dj["alice_demo"]["seed"] == 0
+    assert dj["alice_demo"]["task"] == TASK[source]
     assert dj["alice_demo"]["unlabeled_folder"] == "imagesUnlabeled"
     for split, img_dir, lab_dir in [("train", "imagesTr", "labelsTr"), ("test", "imagesTs", "labelsTs"),
                                     ("unlabeled", "imagesUnlabeled", None)]:
@@ -75,7 +78,8 @@ def test_layout_and_dataset_json(dataset):
 def test_geometry_and_label_alignment(dataset):
     source, folder = dataset
     src = demo_sources.load_source(source)
-    fg_ext = (src.fg_hi - src.fg_lo) / SPACING  # foreground extent in output voxels (x, y, z)
+    lo, hi = src.fg_box(TASK[source])
+    fg_ext = (hi - lo) / SPACING  # foreground extent in output voxels (x, y, z)
     for img_dir, lab_dir in [("imagesTr", "labelsTr"), ("imagesTs", "labelsTs"), ("imagesUnlabeled", None)]:
         for f in sorted(os.listdir(os.path.join(folder, img_dir))):
             img = _read(os.path.join(folder, img_dir, f))
@@ -93,10 +97,13 @@ def test_geometry_and_label_alignment(dataset):
             assert lab.GetDirection() == pytest.approx(img.GetDirection())
             # the labels sit on the anatomy: tissue intensities are ordered as expected
             a, l = sitk.GetArrayFromImage(img).astype(float), sitk.GetArrayFromImage(lab)
-            means = [a[l == k].mean() for k in (0, 1, 2)]
-            if source == "mni":  # T1: background < grey matter < white matter
-                assert means[0] < means[1] < means[2]
+            if source == "mni":  # T1: background < CSF < grey matter < white matter
+                names = LABELS["mni"]
+                csf = a[np.isin(l, [names["ventricles"], names["other_csf"]])].mean()
+                gm = a[np.isin(l, [v for k, v in names.items() if k.endswith("_gm")])].mean()
+                assert a[l == 0].mean() < csf < gm < a[l == names["white_matter"]].mean()
             else:  # CT: air/background < soft tissue < bone, soft tissue near water
+                means = [a[l == k].mean() for k in (0, 1, 2)]
                 assert means[0] < means[1] < means[2] and -200 < means[1] < 200 and means[2] > 300
 
 
@@ -226,3 +233,191 @@ def test_cli_writes_dataset(tmp_path, monkeypatch, capsys):
     assert folder == os.path.join(str(tmp_path), "Dataset007_Cli")
     img = _read(os.path.join(folder, "imagesUnlabeled", "mni_un000_0000.nii.gz"))
     assert img.GetSpacing() == pytest.approx((6.0, 6.0, 6.0))
+
+
+# ---------------------------------------------------------------------------------------------- the anatomy task
+def _subject(split_code, i, seed=0, task="anatomy", spacing=SPACING, **kw):
+    src = demo_sources.load_source("mni")
+    return demo_augment.make_subject(src, (spacing,) * 3, np.random.default_rng([seed, split_code, i]), task, **kw)
+
+
+@needs_mni
+def test_tissue_task_is_still_available(tmp_path):
+    folder = make_demo_dataset(str(tmp_path), 991, None, "mni", 1, 0, 0, seed=0, spacing=SPACING, task="tissue")
+    assert os.path.basename(folder) == "Dataset991_AliceDemoMNI"
+    dj = json.load(open(os.path.join(folder, "dataset.json")))
+    assert dj["labels"] == {"background": 0, "grey_matter": 1, "white_matter": 2}
+    assert dj["alice_demo"]["task"] == "tissue"
+    lab = _arrays(folder, "labelsTr")["mni_tr000.nii.gz"]
+    assert set(np.unique(lab).tolist()) == {0, 1, 2}
+
+
+@needs_mni
+def test_anatomy_every_class_in_every_subject():
+    classes = set(LABELS["mni"].values())
+    for i in range(10):  # random fields of view, deformations and ventricle sizes
+        subject = _subject(1 + i % 3, i)
+        assert set(np.unique(subject.labels).tolist()) == classes, i
+
+
+def _inner_template_points(src, task, size=5):
+    """Per class, the template point (LPS mm) nearest the class's centroid whose size^3 neighbourhood is all
+    that class (so a small mapping error cannot change its class)."""
+    from scipy import ndimage as ndi
+
+    lab = src.labels(task)
+    uniform = ndi.minimum_filter(lab, size=size) == ndi.maximum_filter(lab, size=size)
+    points = {}
+    for k in range(1, int(lab.max()) + 1):
+        idx = np.argwhere(uniform & (lab == k))
+        centre = np.argwhere(lab == k).mean(axis=0)
+        best = idx[np.argmin(((idx - centre) ** 2).sum(axis=1))]
+        points[k] = src.affine[:3, :3] @ best + src.affine[:3, 3]
+    return points
+
+
+@needs_mni
+def test_labels_follow_the_deformation(dataset):
+    """A known template point lands, in each subject, on a voxel of the same class; the written files hold those
+    labels on that geometry (read back through SimpleITK, an independent reader)."""
+    source, folder = dataset
+    if source != "mni":
+        pytest.skip("anatomy task: mni only")
+    for i, case in enumerate(case_ids("mni", "train", 2)):
+        subject = _subject(1, i)  # the subject make_demo_dataset wrote for this case
+        lab_img = _read(os.path.join(folder, "labelsTr", case + ".nii.gz"))
+        assert np.array_equal(sitk.GetArrayFromImage(lab_img), subject.labels.transpose(2, 1, 0))
+        voxel = [int(s) // 3 for s in subject.grid.size]
+        assert np.allclose(lab_img.TransformIndexToPhysicalPoint(voxel),
+                           subject.grid.affine[:3, :3] @ np.array(voxel) + subject.grid.affine[:3, 3], atol=1e-3)
+
+    src = demo_sources.load_source("mni")
+    points = _inner_template_points(src, "anatomy")
+    moved, checked = [], 0
+    for i in range(3):  # 2 mm: the subject's voxels sample the template densely enough to find each point
+        subject = _subject(2, i, spacing=2.0)
+        src_pts = subject.transform.source_points().reshape(3, -1)
+        for k, q in points.items():
+            dist = np.abs(src_pts - q[:, None]).max(axis=0)
+            j = int(np.argmin(dist))
+            if dist[j] > 1.5:  # outside this subject's field of view
+                continue
+            voxel = np.unravel_index(j, subject.grid.size)
+            assert subject.labels[voxel] == k, (i, k)
+            undeformed = np.round(np.linalg.solve(subject.grid.affine[:3, :3], q - subject.grid.affine[:3, 3]))
+            moved.append(np.abs(undeformed - np.array(voxel)).max())
+            checked += 1
+    assert checked >= 2 * len(points)  # most points are inside most fields of view
+    assert max(moved) >= 2  # the deformation really moved the anatomy (several voxels), so the check is not trivial
+
+
+def _intensity_classifier_dice(train, test, n_classes, bins=np.linspace(0.0, 1.2, 61)):
+    """Mean foreground Dice on ``test`` of the best per-voxel intensity -> class table fit on ``train`` (both
+    images scaled by their 99th percentile)."""
+    def binned(img):
+        x = img.astype(np.float32)
+        return np.digitize(x / np.percentile(x, 99), bins)
+
+    counts = np.zeros((len(bins) + 1, n_classes))
+    np.add.at(counts, (binned(train.image).ravel(), train.labels.ravel()), 1)
+    pred = counts.argmax(axis=1)[binned(test.image)]
+    dice = [2 * np.sum((pred == k) & (test.labels == k)) / max(np.sum(pred == k) + np.sum(test.labels == k), 1)
+            for k in range(1, n_classes)]
+    return float(np.mean(dice))
+
+
+@needs_mni
+def test_intensity_alone_cannot_solve_the_anatomy_task():
+    """An intensity-only classifier fit on one labelled subject does well on the tissue task and fails on the
+    anatomy task; even fit on the test subject itself (the best any intensity rule can do) it fails."""
+    src = demo_sources.load_source("mni")
+    result = {}
+    for task in ("tissue", "anatomy"):
+        n = len(src.label_names(task))
+        train = _subject(1, 0, task=task, spacing=3.0)
+        tests = [_subject(2, i, task=task, spacing=3.0) for i in range(2)]
+        result[task] = (np.mean([_intensity_classifier_dice(train, t, n) for t in tests]),
+                        np.mean([_intensity_classifier_dice(t, t, n) for t in tests]))
+    assert result["tissue"][0] > 0.6, result
+    assert result["anatomy"][0] < result["tissue"][0] - 0.3, result
+    assert result["anatomy"][1] < 0.45 < result["tissue"][1], result  # the intensity upper bound
+
+
+@needs_mni
+def test_t2_fraction_makes_t2_like_subjects(tmp_path):
+    folder = make_demo_dataset(str(tmp_path), 992, None, "mni", 1, 0, 0, seed=0, spacing=SPACING, t2_fraction=1.0)
+    dj = json.load(open(os.path.join(folder, "dataset.json")))
+    assert dj["channel_names"] == {"0": "MR"} and dj["alice_demo"]["variation"]["t2_fraction"] == 1.0
+    a = _arrays(folder, "imagesTr")["mni_tr000_0000.nii.gz"].astype(float)
+    l = _arrays(folder, "labelsTr")["mni_tr000.nii.gz"]
+    names = LABELS["mni"]
+    assert a[l == names["ventricles"]].mean() > a[l == names["frontal_gm"]].mean() > a[l == names["white_matter"]].mean()
+
+
+def test_task_and_contrast_errors(tmp_path):
+    for kw, msg in ((dict(source="ct", task="anatomy"), "--task tissue"), (dict(task="shape"), "unknown --task"),
+                    (dict(t2_fraction=1.5), "--t2-fraction"), (dict(source="ct", task="tissue", t2_fraction=0.5),
+                                                               "--t2-fraction")):
+        args = dict(output_root=str(tmp_path), spacing=SPACING)
+        args.update(kw)
+        with pytest.raises(AliceError, match=msg):
+            make_demo_dataset(**args)
+    assert os.listdir(tmp_path) == []
+
+
+def test_defaults_anatomy_and_a_large_unlabeled_pool():
+    args = demo_data.build_parser().parse_args([])
+    assert args.num_unlabeled >= 64 and args.task is None
+    assert demo_data.resolve_task("mni", None) == "anatomy" and demo_data.resolve_task("ct", None) == "tissue"
+
+
+@needs_mni
+def test_written_files_read_the_same_with_simpleitk_and_nibabel(dataset):
+    """nnU-Net's SimpleITK and nibabel readers see the same array and spacing (the latter is used where
+    SimpleITK is not installed)."""
+    from nnunetv2.imageio.nibabel_reader_writer import NibabelIO
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+
+    folder = dataset[1]
+    for sub, name in (("imagesTr", f"{dataset[0]}_tr000_0000.nii.gz"), ("labelsTr", f"{dataset[0]}_tr000.nii.gz")):
+        path = os.path.join(folder, sub, name)
+        a, pa = SimpleITKIO().read_images([path])
+        b, pb = NibabelIO().read_images([path])
+        assert np.array_equal(a, b) and np.allclose(pa["spacing"], pb["spacing"])
+
+
+def _write_inv3(path, hu_zyx, spacing):
+    """A minimal InVesalius project (gzip'ed tar with main.plist and matrix.dat), as ``read_inv3`` reads it."""
+    import io
+    import plistlib
+    import tarfile
+
+    meta = {"matrix": {"filename": "matrix.dat", "dtype": "int16", "shape": list(hu_zyx.shape)},
+            "spacing": list(spacing)}
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in (("main.plist", plistlib.dumps(meta)), ("matrix.dat", hu_zyx.astype(np.int16).tobytes())):
+            info = tarfile.TarInfo(f"Cranium/{name}")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+
+def test_ct_path_on_a_small_phantom(tmp_path):
+    """The CT source code path, on a phantom: a water ellipsoid with a bone shell and a detached head holder."""
+    z, y, x = np.ogrid[:40, :64, :64]
+    r = ((z - 20) / 16.0) ** 2 + ((y - 30) / 24.0) ** 2 + ((x - 32) / 24.0) ** 2
+    hu = np.full((40, 64, 64), -1000, np.int16)
+    hu[r <= 1.0] = 1000
+    hu[r <= 0.8] = 40
+    hu[:, 60:, 20:44] = 200  # holder, not connected to the head
+    inv3 = tmp_path / "phantom.inv3"
+    _write_inv3(inv3, hu, (2.0, 2.0, 3.0))
+    demo_sources._CACHE.clear()
+    folder = make_demo_dataset(str(tmp_path / "raw"), 993, None, "ct", 1, 0, 1, seed=0, spacing=4.0,
+                               ct_path=str(inv3))
+    demo_sources._CACHE.clear()
+    dj = json.load(open(os.path.join(folder, "dataset.json")))
+    assert dj["labels"] == LABELS["ct"] and dj["channel_names"] == {"0": "CT"}
+    a = _arrays(folder, "imagesTr")["ct_tr000_0000.nii.gz"].astype(float)
+    l = _arrays(folder, "labelsTr")["ct_tr000.nii.gz"]
+    assert set(np.unique(l).tolist()) == {0, 1, 2}
+    assert a[l == 0].mean() < -500 and -100 < a[l == 1].mean() < 150 and a[l == 2].mean() > 600

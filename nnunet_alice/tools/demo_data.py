@@ -10,8 +10,10 @@ Layout written under ``<output>/Dataset<ID>_<Name>/``::
     imagesUnlabeled/<case>_0000.nii.gz   unlabeled pool for pretraining (<prefix>_un000, ...), no labels
 
 Subject ``i`` of split ``s`` uses ``numpy.random.default_rng([seed, code(s), i])``, so it depends only on
-(source, seed, split, i, spacing): changing ``--num-train`` does not change the test cases. The sources and
-their labels are described in ``demo_sources``, the random variations in ``demo_augment``.
+(source, task, seed, split, i, spacing, t2 fraction): changing ``--num-train`` does not change the test cases.
+The sources and their label sets (``--task anatomy``: grey matter split by position in the template, white
+matter, ventricles, other CSF; ``--task tissue``: grey/white matter) are described in ``demo_sources``, the
+random variations in ``demo_augment``. Images are written with nibabel (no SimpleITK needed).
 
 The dataset is written into a hidden temporary folder next to the target and renamed at the end, so an error
 or an interrupt never leaves a half-written dataset.
@@ -19,6 +21,7 @@ or an interrupt never leaves a half-written dataset.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -28,14 +31,15 @@ import tempfile
 import time
 
 import numpy as np
-import SimpleITK as sitk
 
 from nnunet_alice.errors import AliceError, cli_main
-from nnunet_alice.tools.demo_augment import make_subject
-from nnunet_alice.tools.demo_sources import SOURCES, load_source
+from nnunet_alice.tools.demo_augment import VARIATIONS, make_subject
+from nnunet_alice.tools.demo_sources import RAS_TO_LPS, SOURCES, TASKS, load_source
 
 DEFAULT_DATASET_ID = 990
-DEFAULT_NAMES = {"mni": "AliceDemoMNI", "ct": "AliceDemoCT"}
+DEFAULT_NAMES = {("mni", "anatomy"): "AliceDemoAnatomy", ("mni", "tissue"): "AliceDemoMNI",
+                 ("ct", "tissue"): "AliceDemoCT"}
+DEFAULT_COUNTS = {"train": 8, "test": 8, "unlabeled": 64}
 UNLABELED_FOLDER = "imagesUnlabeled"
 FILE_ENDING = ".nii.gz"
 #: Split name -> (images folder, labels folder or None, case-id infix, random-stream code).
@@ -62,7 +66,19 @@ def case_ids(source: str, split: str, n: int) -> list[str]:
     return [f"{source}_{infix}{i:03d}" for i in range(n)]
 
 
-def _check_args(output_root, dataset_id, name, source, counts, seed):
+def resolve_task(source: str, task: str | None) -> str:
+    """``task`` checked against ``source``; ``None`` means ``anatomy`` where the source has it, else ``tissue``."""
+    if task is None:
+        return "anatomy" if source == "mni" else "tissue"
+    if task not in TASKS:
+        raise AliceError(f"unknown --task {task!r}: choose one of {', '.join(TASKS)}")
+    if task == "anatomy" and source != "mni":
+        raise AliceError(f"--task anatomy needs --source mni (the {source} source has tissue labels only); "
+                         "pass --task tissue")
+    return task
+
+
+def _check_args(output_root, dataset_id, name, source, counts, seed, t2_fraction):
     """Validate user input; raise ``AliceError`` with the fix."""
     if not output_root:
         raise AliceError("no output folder: pass --output DIR or set the nnUNet_raw environment variable")
@@ -76,6 +92,10 @@ def _check_args(output_root, dataset_id, name, source, counts, seed):
         raise AliceError("--num-train must be >= 1, --num-test and --num-unlabeled >= 0")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise AliceError(f"--seed must be a non-negative integer, got {seed}")
+    if not 0.0 <= t2_fraction <= 1.0:
+        raise AliceError(f"--t2-fraction must be between 0 and 1, got {t2_fraction}")
+    if t2_fraction > 0 and source != "mni":
+        raise AliceError("--t2-fraction needs an MR source with tissue maps (--source mni)")
 
 
 def _target_folder(output_root: str, dataset_id: int, name: str, overwrite: bool) -> str:
@@ -94,42 +114,62 @@ def _target_folder(output_root: str, dataset_id: int, name: str, overwrite: bool
     return target
 
 
-def _dataset_json(src, name, seed, spacing, counts) -> dict:
+def _dataset_json(src, task, name, seed, spacing, counts, variation) -> dict:
     """The dataset.json content (nnU-Net keys plus ``alice_demo``)."""
     return {
         "name": name,
-        "description": src.description,
+        "description": src.descriptions[task],
         "licence": src.licence,
-        "channel_names": {"0": src.channel_name},
-        "labels": dict(src.label_names),
+        "channel_names": {"0": src.channel_name if not variation.t2_fraction else "MR"},
+        "labels": src.label_names(task),
         "numTraining": counts["train"],
         "file_ending": FILE_ENDING,
         "alice_demo": {
             "source": src.name,
+            "task": task,
             "seed": int(seed),
             "unlabeled_folder": UNLABELED_FOLDER,
             "spacing": list(spacing),
             "num_train": counts["train"],
             "num_test": counts["test"],
             "num_unlabeled": counts["unlabeled"],
+            "variation": dataclasses.asdict(variation),
         },
     }
 
 
+def write_nifti(arr: np.ndarray, affine_lps: np.ndarray, path: str) -> None:
+    """Write an (x, y, z) array with a voxel -> LPS affine as NIfTI (RAS affine in both qform and sform)."""
+    import nibabel as nib
+
+    affine = RAS_TO_LPS @ affine_lps
+    img = nib.Nifti1Image(arr, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, path)
+
+
 def make_demo_dataset(output_root: str, dataset_id: int = DEFAULT_DATASET_ID, name: str | None = None,
-                      source: str = "mni", num_train: int = 8, num_test: int = 8, num_unlabeled: int = 16,
-                      seed: int = 0, spacing=2.0, *, overwrite: bool = False, ct_path: str | None = None,
-                      verbose: bool = False) -> str:
+                      source: str = "mni", num_train: int = DEFAULT_COUNTS["train"],
+                      num_test: int = DEFAULT_COUNTS["test"], num_unlabeled: int = DEFAULT_COUNTS["unlabeled"],
+                      seed: int = 0, spacing=2.0, *, task: str | None = None, t2_fraction: float = 0.0,
+                      overwrite: bool = False, ct_path: str | None = None, verbose: bool = False) -> str:
     """Write the demo dataset and return its folder ``<output_root>/Dataset<ID>_<name>``.
 
-    ``name`` defaults to ``AliceDemoMNI`` / ``AliceDemoCT``; ``spacing`` is one number (isotropic) or three
-    (x, y, z mm); ``ct_path`` overrides the location of ``Cranium.inv3``. Raises ``AliceError`` for bad input,
-    a missing source (with the install command), or an existing dataset when ``overwrite`` is false.
+    ``task`` is ``anatomy`` (default for mni) or ``tissue``; ``name`` defaults to ``AliceDemoAnatomy`` /
+    ``AliceDemoMNI`` / ``AliceDemoCT``; ``spacing`` is one number (isotropic) or three (x, y, z mm);
+    ``t2_fraction`` makes that share of MR subjects T2-like; ``ct_path`` overrides the location of
+    ``Cranium.inv3``. Raises ``AliceError`` for bad input, a missing source (with the install command), or an
+    existing dataset when ``overwrite`` is false.
     """
-    name = name or DEFAULT_NAMES.get(source, "AliceDemo")
+    task = resolve_task(source, task) if source in SOURCES else task
+    name = name or DEFAULT_NAMES.get((source, task), "AliceDemo")
     counts = {"train": int(num_train), "test": int(num_test), "unlabeled": int(num_unlabeled)}
-    _check_args(output_root, dataset_id, name, source, counts, seed)
+    t2_fraction = float(t2_fraction)
+    _check_args(output_root, dataset_id, name, source, counts, seed, t2_fraction)
     spacing = _spacing3(spacing)
+    variation = dataclasses.replace(VARIATIONS[task], t2_fraction=t2_fraction)
     src = load_source(source, ct_path)  # raises before anything is written
     output_root = os.path.abspath(output_root)
     target = _target_folder(output_root, int(dataset_id), name, overwrite)
@@ -147,14 +187,16 @@ def make_demo_dataset(output_root: str, dataset_id: int = DEFAULT_DATASET_ID, na
                 os.makedirs(os.path.join(tmp, lab_dir))
             for i, case in enumerate(case_ids(source, split, n)):
                 rng = np.random.default_rng([int(seed), code, i])
-                img, lab = make_subject(src, spacing, rng)
-                sitk.WriteImage(img, os.path.join(tmp, img_dir, f"{case}_0000{FILE_ENDING}"))
+                subject = make_subject(src, spacing, rng, task, variation)
+                affine = subject.grid.affine
+                write_nifti(subject.image, affine, os.path.join(tmp, img_dir, f"{case}_0000{FILE_ENDING}"))
                 if lab_dir:
-                    sitk.WriteImage(lab, os.path.join(tmp, lab_dir, case + FILE_ENDING))
+                    write_nifti(subject.labels, affine, os.path.join(tmp, lab_dir, case + FILE_ENDING))
                 if verbose:
-                    print(f"  {split:9s} {case}  {'x'.join(map(str, img.GetSize()))}", flush=True)
+                    print(f"  {split:9s} {case}  {'x'.join(map(str, subject.grid.size))}  {subject.contrast}",
+                          flush=True)
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
-            json.dump(_dataset_json(src, name, seed, spacing, counts), f, indent=2)
+            json.dump(_dataset_json(src, task, name, seed, spacing, counts, variation), f, indent=2)
         _replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -189,21 +231,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="alice_demo_data",
         description="Write an nnU-Net raw dataset (imagesTr/labelsTr/imagesTs/labelsTs + an unlabeled pool in "
-        "imagesUnlabeled/) of synthetic subjects made offline from real anatomy: the MNI152 T1 with grey/white "
-        "matter labels (nilearn) or the InVesalius head CT with soft-tissue/bone labels.",
+        "imagesUnlabeled/) of synthetic subjects made offline from real anatomy (the MNI152 T1 average from "
+        "nilearn, or the InVesalius head CT), each a random deformation of the source with its labels carried "
+        "along.",
     )
     p.add_argument("--source", choices=SOURCES, default="mni",
-                   help="mni: MNI ICBM152 T1, labels GM/WM (needs 'pip install nilearn'); ct: InVesalius head CT, "
-                   "labels soft tissue/bone (needs 'apt-get install invesalius-examples'). Default: mni")
+                   help="mni: MNI ICBM152 T1 (needs 'pip install nilearn'); ct: InVesalius head CT, labels soft "
+                   "tissue/bone (needs 'apt-get install invesalius-examples'). Default: mni")
+    p.add_argument("--task", choices=TASKS, default=None,
+                   help="anatomy: grey matter split by position in the template (frontal, parieto-occipital, "
+                   "temporal, cerebellar, deep), white matter, ventricles, other CSF - not solvable by intensity, "
+                   "with stronger deformations and varied contrast; tissue: grey/white matter (near an intensity "
+                   "threshold). Default: anatomy for mni, tissue for ct")
     p.add_argument("-d", "--dataset-id", type=int, default=DEFAULT_DATASET_ID,
                    help=f"nnU-Net dataset id (default {DEFAULT_DATASET_ID})")
-    p.add_argument("--name", default=None, help="dataset name (default AliceDemoMNI / AliceDemoCT)")
-    p.add_argument("--num-train", type=int, default=8, help="labelled training cases (default 8)")
-    p.add_argument("--num-test", type=int, default=8, help="held-out test cases with labels (default 8)")
-    p.add_argument("--num-unlabeled", type=int, default=16, help="unlabeled pool cases (default 16)")
+    p.add_argument("--name", default=None,
+                   help="dataset name (default AliceDemoAnatomy, AliceDemoMNI for --task tissue, AliceDemoCT)")
+    p.add_argument("--num-train", type=int, default=DEFAULT_COUNTS["train"],
+                   help=f"labelled training cases (default {DEFAULT_COUNTS['train']})")
+    p.add_argument("--num-test", type=int, default=DEFAULT_COUNTS["test"],
+                   help=f"held-out test cases with labels (default {DEFAULT_COUNTS['test']})")
+    p.add_argument("--num-unlabeled", type=int, default=DEFAULT_COUNTS["unlabeled"],
+                   help=f"unlabeled pool cases (default {DEFAULT_COUNTS['unlabeled']})")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same data (default 0)")
     p.add_argument("--spacing", type=float, nargs="+", default=[2.0], metavar="MM",
                    help="output spacing in mm: one value (isotropic) or three (x y z). Default: 2")
+    p.add_argument("--t2-fraction", type=float, default=0.0,
+                   help="share of MR subjects given a T2-like contrast made from the tissue maps (default 0)")
     p.add_argument("--output", default=None,
                    help="folder that receives Dataset<ID>_<Name> (default: $nnUNet_raw)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same id and name")
@@ -222,7 +276,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     folder = make_demo_dataset(
         output, args.dataset_id, args.name, args.source, args.num_train, args.num_test, args.num_unlabeled,
-        args.seed, args.spacing, overwrite=args.overwrite, ct_path=args.ct_file, verbose=not args.quiet,
+        args.seed, args.spacing, task=args.task, t2_fraction=args.t2_fraction, overwrite=args.overwrite,
+        ct_path=args.ct_file, verbose=not args.quiet,
     )
     if args.quiet:
         print(folder)

@@ -1,27 +1,44 @@
-"""Real anatomy that is available offline, loaded as SimpleITK images with a tissue label map.
+"""Real anatomy that is available offline, as numpy volumes with label maps for two tasks.
 
-Two sources (see ``reference/environment.md`` section 3):
+Only numpy, scipy and nibabel are used (no SimpleITK), so the generator also runs where SimpleITK is not
+installed. A source is an array in voxel-index order (x, y, z) with a 4x4 ``affine`` mapping voxel indices to
+physical LPS millimetres (the frame of SimpleITK and nnU-Net).
 
 ``mni``
-    The MNI ICBM152 2009 T1 average bundled in the nilearn wheel (``load_mni152_*``; the ``fetch_*`` functions
-    download and are never used), 197x233x189 voxels at 1 mm, skull-stripped, intensities 0..1.
-    Labels: 0 background, 1 grey matter (GM), 2 white matter (WM), defined as
+    The MNI ICBM152 2009c symmetric T1 average bundled in the nilearn wheel (``load_mni152_*``; the ``fetch_*``
+    functions download and are never used), 197x233x189 voxels at 1 mm, skull-stripped, intensities 0..1, with
+    its grey/white matter probability maps. Two label sets:
 
-    * brain mask = T1 > 0.2 (the rule of ``nilearn.datasets.load_mni152_brain_mask``);
-    * inside the brain mask a voxel is GM if p(GM) >= 0.5 and p(GM) >= p(WM), WM if p(WM) >= 0.5 and
-      p(WM) > p(GM) (``load_mni152_gm_template`` / ``load_mni152_wm_template`` probabilities), i.e. the argmax of
-      the two probability maps thresholded at 0.5;
-    * everything else (outside the brain, CSF, ventricles, voxels with no majority tissue) is background.
+    ``tissue`` - 0 background, 1 grey matter (GM), 2 white matter (WM): inside the brain mask (T1 > 0.2, the rule
+    of ``nilearn.datasets.load_mni152_brain_mask``) a voxel is GM if p(GM) >= 0.5 and p(GM) >= p(WM), WM if
+    p(WM) >= 0.5 and p(WM) > p(GM). Close to an intensity threshold.
+
+    ``anatomy`` - regions defined by position in the template (MNI coordinates x, y, z in mm, RAS), which
+    intensity alone cannot tell apart. Inside the intracranial hull (brain mask closed by 3 mm and filled) every
+    voxel takes its most probable tissue among GM, WM and CSF (p(CSF) = 1 - p(GM) - p(WM)); then
+
+    * ``deep_gm`` (5): GM inside the ellipsoid centred at (0, -8, 4) with radii (31, 30, 22) mm (caudate,
+      putamen, pallidum, thalamus; the insula, cingulate and hippocampus fall outside);
+    * ``cerebellar_gm`` (4): other GM with y < -30 and z < -10 + 0.35 (y + 40) (below a tentorium-like plane);
+    * ``temporal_gm`` (3): other GM with |x| > 28, -72 < y < 26 and z < 2 - 0.1 (y + 20);
+    * ``frontal_gm`` (1): other GM in front of a central-sulcus-like plane, y > -14 - 0.25 z;
+    * ``parieto_occipital_gm`` (2): the remaining GM;
+    * ``white_matter`` (6): WM;
+    * ``ventricles`` (7): CSF with |x| < 32, -48 < y < 38, -18 < z < 38, more than 10 mm inside the hull, in
+      connected pieces of at least 400 voxels (the lateral and third ventricles);
+    * ``other_csf`` (8): the remaining CSF (sulci, fissures, cisterns).
+
+    Left and right are deliberately not separated: the template is symmetric and nnU-Net mirrors its training
+    patches, so a left/right label could not be learned from the image. The lobes are coarse planes, not an
+    atlas; what matters is that they are fixed in the template and carried through each subject's deformation.
 
 ``ct``
     The head CT of the Debian package ``invesalius-examples`` (``Cranium.inv3``, an InVesalius project: a gzip'ed
     tar with ``main.plist`` and ``matrix.dat``, raw C-order int16 HU of shape (z, y, x) = 108x256x256, spacing
     x, y 0.957 mm, z 1.5 mm; no origin or direction is stored, so identity direction and zero origin are used).
-    Labels: 0 background, 1 soft tissue, 2 bone, from the same HU thresholds as the project's own masks:
-
-    * body = the largest 3D connected component of HU >= -142 (this drops the head holder);
-    * bone = body voxels with HU >= 226;
-    * soft tissue = body voxels that are not bone.
+    Only the ``tissue`` task: 0 background, 1 soft tissue, 2 bone, from the HU thresholds of the project's own
+    masks: body = the largest 3D connected component of HU >= -142 (drops the head holder); bone = body voxels
+    with HU >= 226; soft tissue = the other body voxels.
 """
 from __future__ import annotations
 
@@ -29,9 +46,10 @@ import os
 import plistlib
 import tarfile
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
-import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from nnunet_alice.errors import AliceError
 
@@ -48,44 +66,78 @@ CT_BONE_HU = 226
 CT_HU_MIN, CT_HU_MAX = -1024, 3071
 
 SOURCES = ("mni", "ct")
+TASKS = ("anatomy", "tissue")
+
+MNI_TISSUE_LABELS = {"background": 0, "grey_matter": 1, "white_matter": 2}
+MNI_ANATOMY_LABELS = {"background": 0, "frontal_gm": 1, "parieto_occipital_gm": 2, "temporal_gm": 3,
+                      "cerebellar_gm": 4, "deep_gm": 5, "white_matter": 6, "ventricles": 7, "other_csf": 8}
+CT_TISSUE_LABELS = {"background": 0, "soft_tissue": 1, "bone": 2}
+#: MNI point (RAS mm) around which the ``anatomy`` deformation may enlarge or shrink the ventricles.
+MNI_VENTRICLE_CENTRE = (0.0, -12.0, 14.0)
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
 @dataclass
 class DemoSource:
-    """One real volume with its label map, ready to be deformed into many demo subjects.
+    """One real volume with label maps, ready to be deformed into many demo subjects.
 
-    ``image`` is float32 (MNI: 0..1 T1 intensities, CT: HU), ``labels`` uint8 on the same grid.
-    ``fg_lo`` / ``fg_hi`` bound the labelled foreground in the source's *axis frame*: millimetres along the
-    image axes (x, y, z) measured from the centre of voxel 0, so that the physical point of frame coordinate
-    ``f`` is ``origin + direction @ f``.
+    ``image`` is float32 (MNI: 0..1 T1 intensities, CT: HU) in voxel order (x, y, z); ``affine`` maps voxel
+    indices to physical LPS mm. ``tasks`` maps a task name to ``(labels uint8 array, label_names)``.
+    ``tissue`` (MR sources) holds the GM, WM and CSF probabilities (3, x, y, z) used for contrast changes.
+    ``centre`` is a physical point (LPS) around which local size changes are made (or None).
     """
 
     name: str
-    image: sitk.Image
-    labels: sitk.Image
-    label_names: dict
+    image: np.ndarray
+    affine: np.ndarray
+    tasks: dict
     channel_name: str
     fill_value: float
-    fg_lo: np.ndarray
-    fg_hi: np.ndarray
-    description: str
+    descriptions: dict
     licence: str
+    tissue: Optional[np.ndarray] = None
+    centre: Optional[np.ndarray] = None
     smoothed: dict = field(default_factory=dict)
 
-    def image_for_spacing(self, spacing) -> sitk.Image:
-        """The image low-pass filtered for resampling to ``spacing`` (mm, x y z), so the output does not alias.
+    @property
+    def spacing(self) -> np.ndarray:
+        return np.linalg.norm(self.affine[:3, :3], axis=0)
 
-        A Gaussian of FWHM sqrt(out^2 - in^2) per axis is applied once per spacing and cached.
+    @property
+    def direction(self) -> np.ndarray:
+        return self.affine[:3, :3] / self.spacing
+
+    def labels(self, task: str) -> np.ndarray:
+        return self.tasks[task][0]
+
+    def label_names(self, task: str) -> dict:
+        return dict(self.tasks[task][1])
+
+    def fg_box(self, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """Bounding box of ``labels > 0`` in the *axis frame*: mm along the image axes (x, y, z) from the centre of
+        voxel 0, so that the physical point of frame coordinate ``f`` is ``origin + direction @ f``."""
+        lab = self.labels(task)
+        lo, hi = [], []
+        for ax in range(3):
+            idx = np.nonzero(lab.any(axis=tuple(a for a in range(3) if a != ax)))[0]
+            lo.append(idx[0])
+            hi.append(idx[-1])
+        return np.array(lo) * self.spacing, np.array(hi) * self.spacing
+
+    def channels_for_spacing(self, spacing, with_tissue: bool) -> list:
+        """The image (and the tissue maps) low-pass filtered for resampling to ``spacing`` (mm, x y z).
+
+        A Gaussian of FWHM sqrt(out^2 - in^2) per axis, so that the output does not alias; cached per spacing.
         """
-        key = tuple(round(float(s), 4) for s in spacing)
+        key = (tuple(round(float(s), 4) for s in spacing), bool(with_tissue))
         if key not in self.smoothed:
-            src_sp = np.array(self.image.GetSpacing())
-            fwhm = np.sqrt(np.maximum(np.array(key) ** 2 - src_sp ** 2, 0.0))
-            sigma = fwhm / 2.3548
-            if np.all(sigma < 0.25 * src_sp):
-                self.smoothed[key] = self.image
+            fwhm = np.sqrt(np.maximum(np.array(key[0]) ** 2 - self.spacing ** 2, 0.0))
+            sigma_vox = fwhm / 2.3548 / self.spacing
+            vols = [self.image] + (list(self.tissue) if with_tissue and self.tissue is not None else [])
+            if np.all(sigma_vox < 0.25):
+                self.smoothed[key] = vols
             else:
-                self.smoothed[key] = sitk.SmoothingRecursiveGaussian(self.image, [float(s) for s in sigma])
+                self.smoothed[key] = [ndi.gaussian_filter(v, sigma_vox, mode="nearest", truncate=3.0) for v in vols]
         return self.smoothed[key]
 
 
@@ -127,58 +179,79 @@ def _require_nilearn():
     return nd
 
 
-def _nifti_to_sitk(arr: np.ndarray, affine: np.ndarray, dtype) -> sitk.Image:
-    """A nibabel (x, y, z) array with a RAS affine as a SimpleITK image (LPS physical space)."""
-    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(arr, dtype=dtype).transpose(2, 1, 0)))
-    ras2lps = np.diag([-1.0, -1.0, 1.0])
-    m = ras2lps @ affine[:3, :3]
-    spacing = np.linalg.norm(m, axis=0)
-    img.SetSpacing([float(s) for s in spacing])
-    img.SetDirection([float(v) for v in (m / spacing).ravel()])
-    img.SetOrigin([float(v) for v in ras2lps @ affine[:3, 3]])
-    return img
-
-
-def _fg_box(labels: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
-    """Bounding box of ``labels > 0`` (array in z, y, x order) in the axis frame (mm, x y z)."""
-    lo, hi = [], []
-    for ax in (2, 1, 0):  # x, y, z
-        other = tuple(a for a in range(3) if a != ax)
-        idx = np.nonzero(labels.any(axis=other))[0]
-        lo.append(idx[0])
-        hi.append(idx[-1])
-    sp = np.asarray(spacing, dtype=float)
-    return np.array(lo) * sp, np.array(hi) * sp
+def mni_anatomy_labels(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, ras_affine: np.ndarray) -> np.ndarray:
+    """The ``anatomy`` label map of the MNI template (module docstring); arrays in (x, y, z) voxel order."""
+    if not np.allclose(ras_affine[:3, :3], np.diag(np.diag(ras_affine[:3, :3]))):
+        raise AliceError("the MNI template is expected to be axis-aligned")
+    axes = [ras_affine[a, a] * np.arange(t1.shape[a]) + ras_affine[a, 3] for a in range(3)]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    hull = ndi.binary_fill_holes(ndi.binary_closing(t1 > MNI_BRAIN_THRESHOLD, iterations=3))
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    grey = hull & (gm >= wm) & (gm >= csf)  # the most probable tissue (ties: GM, then WM)
+    white = hull & ~grey & (wm >= csf)
+    fluid = hull & ~grey & ~white
+    deep = grey & ((x / 31.0) ** 2 + ((y + 8) / 30.0) ** 2 + ((z - 4) / 22.0) ** 2 <= 1.0)
+    rest = grey & ~deep
+    cerebellar = rest & (y < -30) & (z < -10 + 0.35 * (y + 40))
+    rest &= ~cerebellar
+    temporal = rest & (np.abs(x) > 28) & (y > -72) & (y < 26) & (z < 2 - 0.1 * (y + 20))
+    rest &= ~temporal
+    frontal = rest & (y > -14 - 0.25 * z)
+    parieto_occipital = rest & ~frontal
+    # depth below the hull's surface, on a grid of every second voxel (the 10 mm threshold needs no more)
+    sub = np.abs(np.diag(ras_affine)[:3]) * 2
+    depth = ndi.distance_transform_edt(hull[::2, ::2, ::2], sampling=sub)
+    depth = depth.repeat(2, 0).repeat(2, 1).repeat(2, 2)[:t1.shape[0], :t1.shape[1], :t1.shape[2]]
+    candidates = fluid & (np.abs(x) < 32) & (y > -48) & (y < 38) & (z > -18) & (z < 38) & (depth > 10)
+    comp, _ = ndi.label(candidates)
+    sizes = np.bincount(comp.ravel())
+    sizes[0] = 0
+    ventricles = np.isin(comp, np.nonzero(sizes >= 400)[0])
+    lab = np.zeros(t1.shape, np.uint8)
+    names = MNI_ANATOMY_LABELS
+    for name, mask in (("frontal_gm", frontal), ("parieto_occipital_gm", parieto_occipital),
+                       ("temporal_gm", temporal), ("cerebellar_gm", cerebellar), ("deep_gm", deep),
+                       ("white_matter", white), ("ventricles", ventricles), ("other_csf", fluid & ~ventricles)):
+        lab[mask] = names[name]
+    return lab
 
 
 def _load_mni() -> DemoSource:
-    """The nilearn MNI152 T1 with background/GM/WM labels (module docstring)."""
+    """The nilearn MNI152 T1 with its ``tissue`` and ``anatomy`` labels (module docstring)."""
     nd = _require_nilearn()
     t1 = nd.load_mni152_template(resolution=1)
     gm = np.asarray(nd.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32))
     wm = np.asarray(nd.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32))
     t1_arr = np.asarray(t1.get_fdata(dtype=np.float32))
     brain = t1_arr > MNI_BRAIN_THRESHOLD
-    lab = np.zeros(t1_arr.shape, np.uint8)
-    lab[brain & (gm >= MNI_TISSUE_THRESHOLD) & (gm >= wm)] = 1
-    lab[brain & (wm >= MNI_TISSUE_THRESHOLD) & (wm > gm)] = 2
-    image = _nifti_to_sitk(t1_arr, t1.affine, np.float32)
-    labels = _nifti_to_sitk(lab, t1.affine, np.uint8)
-    lo, hi = _fg_box(sitk.GetArrayViewFromImage(labels), image.GetSpacing())
+    tissue_lab = np.zeros(t1_arr.shape, np.uint8)
+    tissue_lab[brain & (gm >= MNI_TISSUE_THRESHOLD) & (gm >= wm)] = 1
+    tissue_lab[brain & (wm >= MNI_TISSUE_THRESHOLD) & (wm > gm)] = 2
+    anatomy_lab = mni_anatomy_labels(t1_arr, gm, wm, t1.affine)
+    hull = ndi.gaussian_filter((anatomy_lab > 0).astype(np.float32), 1.0)
+    csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * hull
+    affine = RAS_TO_LPS @ t1.affine
+    deformation = ("random affine, two-scale elastic deformation and ventricle size change, per-tissue contrast, "
+                   "bias field, gamma, Rician noise, field of view")
     return DemoSource(
         name="mni",
-        image=image,
-        labels=labels,
-        label_names={"background": 0, "grey_matter": 1, "white_matter": 2},
+        image=t1_arr,
+        affine=affine,
+        tasks={"tissue": (tissue_lab, MNI_TISSUE_LABELS), "anatomy": (anatomy_lab, MNI_ANATOMY_LABELS)},
         channel_name="T1",
         fill_value=0.0,
-        fg_lo=lo,
-        fg_hi=hi,
-        description="Synthetic subjects from the MNI ICBM152 2009 T1 average (nilearn), random affine + elastic "
-        "deformation, bias field, gamma, Rician noise, field of view; labels GM/WM = majority tissue "
-        "(probability >= 0.5) inside the brain mask.",
+        descriptions={
+            "tissue": "Synthetic subjects from the MNI ICBM152 2009 T1 average (nilearn), random affine + elastic "
+            "deformation, bias field, gamma, Rician noise, field of view; labels GM/WM = majority tissue "
+            "(probability >= 0.5) inside the brain mask.",
+            "anatomy": f"Synthetic subjects from the MNI ICBM152 2009 T1 average (nilearn), {deformation}; labels: "
+            "grey matter split by position in the template (frontal, parieto-occipital, temporal, cerebellar, "
+            "deep), white matter, ventricles and other CSF, carried through each subject's deformation.",
+        },
         licence="MNI ICBM152 2009 template: Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging "
         "Centre, Montreal Neurological Institute, McGill University; free use with this notice. nilearn: BSD-3.",
+        tissue=np.stack([gm, wm, csf]).astype(np.float32),
+        centre=(RAS_TO_LPS @ np.array([*MNI_VENTRICLE_CENTRE, 1.0]))[:3],
     )
 
 
@@ -198,9 +271,8 @@ def read_inv3(path: str) -> tuple[np.ndarray, tuple]:
 
 def _load_ct(path: str) -> DemoSource:
     """The InVesalius head CT with background/soft-tissue/bone labels (module docstring)."""
-    from scipy import ndimage as ndi
-
-    hu, spacing = read_inv3(path)
+    hu_zyx, spacing = read_inv3(path)
+    hu = np.ascontiguousarray(hu_zyx.transpose(2, 1, 0))  # to (x, y, z)
     body = hu >= CT_BODY_HU
     comp, n = ndi.label(body)
     if n > 1:
@@ -209,22 +281,18 @@ def _load_ct(path: str) -> DemoSource:
         body = comp == int(np.argmax(sizes))
     lab = body.astype(np.uint8)
     lab[body & (hu >= CT_BONE_HU)] = 2
-    image = sitk.GetImageFromArray(hu.astype(np.float32))
-    labels = sitk.GetImageFromArray(lab)
-    for im in (image, labels):
-        im.SetSpacing(spacing)
-    lo, hi = _fg_box(lab, spacing)
+    affine = np.diag([*spacing, 1.0])
     return DemoSource(
         name="ct",
-        image=image,
-        labels=labels,
-        label_names={"background": 0, "soft_tissue": 1, "bone": 2},
+        image=hu.astype(np.float32),
+        affine=affine,
+        tasks={"tissue": (lab, CT_TISSUE_LABELS)},
         channel_name="CT",
         fill_value=float(CT_HU_MIN),
-        fg_lo=lo,
-        fg_hi=hi,
-        description="Synthetic subjects from the InVesalius example head CT (Debian invesalius-examples), random "
-        "affine + elastic deformation, mild bias field, contrast and noise changes, field of view; labels "
-        "soft tissue / bone from HU thresholds -142 / 226 inside the largest body component.",
+        descriptions={
+            "tissue": "Synthetic subjects from the InVesalius example head CT (Debian invesalius-examples), random "
+            "affine + elastic deformation, mild bias field, contrast and noise changes, field of view; labels "
+            "soft tissue / bone from HU thresholds -142 / 226 inside the largest body component.",
+        },
         licence="InVesalius example data (Debian package invesalius-examples): GPL-2.",
     )
