@@ -14,13 +14,13 @@ import json
 import os
 import pickle
 import tempfile
-import zipfile
-from typing import Any, Dict, Optional
+import warnings
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
 from nnunet_alice import __version__
-from nnunet_alice.errors import AliceError
+from nnunet_alice.errors import AliceError, os_error_message
 
 FORMAT_NAME = "nnunet_alice.checkpoint"
 FORMAT_VERSION = 1
@@ -106,11 +106,17 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> str:
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(path, data)
-    atomic_write_bytes(path + ".sha256", f"{digest}  {os.path.basename(path)}\n".encode())
+    write_sidecar(path, digest)
     return digest
 
 
-def _expected_digest(path: str) -> Optional[str]:
+def write_sidecar(path: str, digest: str) -> None:
+    """``<path>.sha256`` in the ``sha256sum`` format (``sha256sum -c`` works in the file's folder)."""
+    atomic_write_bytes(path + ".sha256", f"{digest}  {os.path.basename(path)}\n".encode())
+
+
+def sidecar_digest(path: str) -> Optional[str]:
+    """The digest recorded in ``<path>.sha256``, or ``None`` when there is no sidecar."""
     side = path + ".sha256"
     if not os.path.isfile(side):
         return None
@@ -119,29 +125,76 @@ def _expected_digest(path: str) -> Optional[str]:
     return parts[0] if parts else None
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu", verify: bool = True) -> Dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; every failure becomes a one-line :class:`AliceError`."""
+def _blocked_global(message: str) -> Optional[str]:
+    """The line of torch's weights-only error that names a refused global, if the refusal is about one."""
+    for line in (ln.strip() for ln in message.splitlines()):
+        if "GLOBAL" in line or "Unsupported global" in line:
+            return line
+    return None
+
+
+def safe_torch_load(path: str, map_location: Any = "cpu", allowed_globals: Sequence[Any] = ()) -> Any:
+    """``torch.load(path, weights_only=True)`` with every failure as a one-line :class:`AliceError` naming ``path``.
+
+    The one place that reads ``.pth`` files. A pickle that asks for a global outside PyTorch's allow-list (plus
+    ``allowed_globals``) is refused and nothing in it runs; any other unreadable content (random bytes, a cut
+    archive) is reported as corrupted. Weights-only loading: https://pytorch.org/docs/stable/notes/serialization.html
+    """
+    if os.path.isdir(path):
+        raise AliceError(f"{path}: is a directory, not a checkpoint file")
+    if not os.path.lexists(path):
+        raise AliceError(f"{path}: checkpoint file not found")
+    try:
+        with open(path, "rb") as f:  # permission, a symlink loop, I/O: said as such, not as a corrupted file
+            f.read(1)
+    except OSError as e:
+        raise AliceError(os_error_message(e, path, "reading the checkpoint")) from None
+    try:
+        with torch.serialization.safe_globals(list(allowed_globals)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # the unpickler raises many types for garbage: IndexError, KeyError, ValueError, ...
+        text = str(e).strip()
+        blocked = _blocked_global(text) if isinstance(e, pickle.UnpicklingError) else None
+        if blocked:
+            raise AliceError(f"{path}: refused to load, the file contains pickled objects that are not plain "
+                             f"tensors or containers ({blocked[:160]})") from None
+        if isinstance(e, pickle.UnpicklingError):
+            first = next((ln.strip() for ln in text.splitlines() if "nsupported" in ln), type(e).__name__)
+        else:
+            first = text.splitlines()[0] if text else type(e).__name__
+        raise AliceError(f"{path}: not a readable checkpoint, truncated or corrupted ({first[:160]})") from None
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu", verify: bool = True,
+                    note: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; every failure becomes a one-line :class:`AliceError`.
+
+    With ``verify``, the bytes are checked against the ``.sha256`` sidecar; a file without one is loaded
+    unverified and ``note`` (default: a Python warning) is told so.
+    """
+    if os.path.isdir(path):
+        raise AliceError(f"{path}: is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise AliceError(f"{path}: checkpoint file not found")
-    if verify:
-        expected = _expected_digest(path)
-        if expected is not None and sha256_of_file(path) != expected:
-            raise AliceError(f"{path}: checksum mismatch with {os.path.basename(path)}.sha256 "
-                             f"(the file is truncated or corrupted)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's first line only advises weights_only=False; name the blocked global instead
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        first = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln), lines[0])
-        raise AliceError(f"{path}: refused to load, the file contains pickled objects that are not plain "
-                         f"tensors or containers ({first[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AliceError(f"{path}: not a readable checkpoint, truncated or corrupted ({first[:160]})") from None
+    expected = sidecar_digest(path) if verify else None
+    if expected is not None and sha256_of_file(path) != expected:
+        raise AliceError(f"{path}: checksum mismatch with {os.path.basename(path)}.sha256 "
+                         f"(the file is truncated or corrupted)")
+    ckpt = safe_torch_load(path, map_location)
     if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
         raise AliceError(f"{path}: not a network checkpoint (no 'network_weights' entry)")
+    if verify and expected is None:
+        msg = (f"{path}: no checksum sidecar ({os.path.basename(path)}.sha256), loaded unverified (damage inside "
+               f"the tensors would go unnoticed)")
+        if note is not None:
+            note(msg)
+        else:
+            warnings.warn(msg, UnverifiedCheckpointWarning, stacklevel=2)
     return ckpt
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint was loaded without a ``.sha256`` sidecar to check it against."""
 
 
 def network_state_dict(module: torch.nn.Module) -> Dict[str, torch.Tensor]:

@@ -96,6 +96,30 @@ def test_bad_unlabeled_image(box, tmp_path, capsys, kind, expected):
     nothing_written(box, case)
 
 
+def test_truncated_image_with_a_huge_declared_size_is_refused_before_reading(box, tmp_path, capsys):
+    """A 100 kB .nii.gz whose header declares 1024^3 int16 (2.1 GB): refused from the header, in bounded memory."""
+    import gzip
+    import resource
+    import time
+
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((1024, 1024, 1024))
+    header.set_data_dtype(np.int16)
+    header.set_zooms((1.0, 1.0, 2.0))
+    path = tmp_path / "unl" / "huge_0000.nii.gz"
+    path.parent.mkdir()
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + np.random.default_rng(0).bytes(100_000)))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    fails(capsys, cli_args(box, "--unlabeled", str(path.parent)), f"error: {path}: truncated: the header declares "
+          f"1024x1024x1024 voxels of int16 (2147.5 MB) but the file holds 0.1 MB of voxel data")
+    assert time.perf_counter() - t0 < 60
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 500_000  # kB: never near the declared 2 GB
+    nothing_written(box, "huge")
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_non_finite_voxels(synth_dataset, tmp_path, monkeypatch, capsys, value):
     # SimpleITK's NIfTI reader turns NaN/Inf into 0, so the check is exercised with a format that keeps them
@@ -222,7 +246,11 @@ def test_continue_with_a_checkpoint_of_another_objective(box, capsys):
     folder = _pretrain_once(box, capsys)
     args = with_option(cli_args(box, "--continue", "--head-hidden-dim", "32", "--head-bottleneck-dim", "16",
                                 "--head-out-dim", "32", "--mask-block-size", "8"), "--objective", "alice")
-    fails(capsys, args, str(folder / "checkpoint_latest.pth"), "training state does not fit this objective")
+    fails(capsys, args, str(folder / "checkpoint_latest.pth"), "--continue with settings that change the computation",
+          "objective: 'mae' -> 'alice'")
+    # accepted on request, the state still has to fit the objective
+    fails(capsys, args + ["--allow-settings-change"], str(folder / "checkpoint_latest.pth"),
+          "training state does not fit this objective")
 
 
 @pytest.mark.parametrize("damage", ["truncated", "malicious", "other_network"])

@@ -318,3 +318,60 @@ def test_gpu_state_dict_keeps_encoder_shared(tiny_unet, tmp_path):
     save_checkpoint(str(tmp_path / "gpu.pth"), make_payload(sd, {}, {}))
     save_checkpoint(str(tmp_path / "cpu.pth"), make_payload(network_state_dict(net.cpu()), {}, {}))
     assert abs((tmp_path / "gpu.pth").stat().st_size - (tmp_path / "cpu.pth").stat().st_size) < 4096
+
+
+# ------------------------------------------------------------------------------------------ messages, sidecars
+def test_directory_and_random_bytes_are_named_for_what_they_are(tmp_path):
+    folder = tmp_path / "ckpt.pth"
+    folder.mkdir()
+    with pytest.raises(AliceError) as ei:
+        load_checkpoint(str(folder))
+    assert "is a directory, not a checkpoint file" in _one_line_naming(ei, folder)
+    rng = np.random.default_rng(0)
+    for i, head in enumerate([b"", b"\x80\x02", b"PK\x03\x04"]):  # garbage, a pickle header, a zip header
+        path = tmp_path / f"random{i}.pth"
+        path.write_bytes(head + rng.bytes(5000))
+        with pytest.raises(AliceError) as ei:
+            load_checkpoint(str(path))
+        msg = _one_line_naming(ei, path)
+        assert "truncated or corrupted" in msg and "refused" not in msg, msg
+
+
+def test_missing_sidecar_loads_with_an_unverified_note(tmp_path):
+    path = tmp_path / "c.pth"
+    save_checkpoint(str(path), _payload())
+    notes = []
+    load_checkpoint(str(path), note=notes.append)
+    assert notes == []  # verified
+    (tmp_path / "c.pth.sha256").unlink()
+    _check_loaded(load_checkpoint(str(path), note=notes.append))
+    assert len(notes) == 1 and notes[0].startswith(f"{path}: no checksum sidecar") and "unverified" in notes[0]
+    with pytest.warns(ckpt_mod.UnverifiedCheckpointWarning, match="unverified"):
+        load_checkpoint(str(path))
+    load_checkpoint(str(path), verify=False, note=notes.append)  # asked not to verify: no note
+    assert len(notes) == 1
+
+
+def test_previous_checkpoint_sidecar_names_its_own_file(tmp_path):
+    """``checkpoint_latest.prev.pth.sha256`` must say ``checkpoint_latest.prev.pth``: ``sha256sum -c`` checks it."""
+    import shutil
+    import subprocess
+
+    from nnunet_alice.pretrain.loop import LATEST, PREVIOUS, Checkpointer
+
+    class Run:
+        def payload(self, step, with_state):
+            return _payload(step=step)
+
+    cp = Checkpointer(str(tmp_path), Run())
+    cp.save(LATEST, 1, with_state=True)
+    cp.save(LATEST, 2, with_state=True)
+    side = (tmp_path / (PREVIOUS + ".sha256")).read_text().split()
+    assert side == [ckpt_mod.sha256_of_file(str(tmp_path / PREVIOUS)), PREVIOUS]
+    assert not (tmp_path / (PREVIOUS + ".sha256")).read_text().count(LATEST + "\n")
+    assert load_checkpoint(str(tmp_path / PREVIOUS))["metadata"]["step"] == 1
+    assert load_checkpoint(str(tmp_path / LATEST))["metadata"]["step"] == 2
+    if shutil.which("sha256sum"):
+        for name in (LATEST, PREVIOUS):
+            proc = subprocess.run(["sha256sum", "-c", name + ".sha256"], cwd=tmp_path, capture_output=True, text=True)
+            assert proc.returncode == 0 and f"{name}: OK" in proc.stdout, proc.stdout + proc.stderr

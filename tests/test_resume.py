@@ -158,9 +158,55 @@ def test_truncated_latest_is_detected_and_previous_is_used(box, tmp_path, capsys
 
 
 def test_settings_changed_on_continue_are_reported():
-    changed = settings_changes({"lr": 1e-3, "device": "cuda", "patch_size": [16, 16, 16]},
-                               {"lr": 2e-3, "device": "cpu", "patch_size": (16, 16, 16)})
-    assert changed == ["lr: 0.001 -> 0.002"]
+    changed = settings_changes({"lr": 1e-3, "device": "cuda", "patch_size": [16, 16, 16], "old_only": 1},
+                               {"lr": 2e-3, "device": "cpu", "patch_size": (16, 16, 16), "new_only": 2})
+    assert changed == ["lr: 0.001 -> 0.002"]  # free settings and settings of another version are no change
+
+
+# ---------------------------------------------------------------------------------------------- refused resumes
+def test_continue_with_fewer_steps_than_done_is_refused_and_rewrites_nothing(box, capsys):
+    from nnunet_alice.pretrain import cli
+
+    cli.main(cli_args(box, "--save-every", "2", steps=4))
+    folder = cli_folder(box)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir() if ".pth" in p.name}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        cli.main(cli_args(box, "--continue", steps=2))
+    assert ei.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert err == [f"error: {folder / LATEST}: the checkpoint is at step 4, past the 2 steps asked for; give --steps 4 "
+                   f"or more to continue it (nothing was changed)"]
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.iterdir() if ".pth" in p.name} == before
+    assert "ERROR: " + err[0][len("error: "):] in (folder / "training_log.txt").read_text()
+
+    cli.main(cli_args(box, "--continue", steps=6))  # a longer run is fine, and recorded
+    meta = load_checkpoint(str(folder / FINAL))["metadata"]
+    assert meta["step"] == 6 and meta["settings_history"] == [{"step": 4, "changes": {"steps": [4, 6]}}]
+
+
+def test_continue_with_changed_batch_or_patch_size_is_refused_unless_allowed(box, tmp_path):
+    folder = str(tmp_path / "run")
+    PretrainRun(pretrain_config(box, "mae", steps=2), output_folder=folder).run()
+    latest = os.path.join(folder, LATEST)
+    for change, expected in [({"batch_size": 2}, "batch_size: 1 -> 2"),
+                             ({"patch_size": [16, 16, 24]}, "patch_size: [16, 16, 16] -> [16, 16, 24]")]:
+        with pytest.raises(AliceError) as ei:
+            PretrainRun(pretrain_config(box, "mae", steps=3, **change), resume=True, output_folder=folder)
+        msg = str(ei.value)
+        assert msg.startswith(f"{latest}: --continue with settings that change the computation ({expected})")
+        assert "steps" not in msg.split("(")[1].split(")")[0]  # the length may change; it is not listed
+        assert "--allow-settings-change" in msg
+    assert load_checkpoint(latest)["training_state"]["step"] == 2  # untouched
+
+    run = PretrainRun(pretrain_config(box, "mae", steps=3, batch_size=2), resume=True, output_folder=folder,
+                      allow_settings_change=True)
+    run.run()
+    meta = load_checkpoint(latest)["metadata"]
+    assert meta["settings"]["batch_size"] == 2 and meta["step"] == 3
+    assert meta["settings_history"] == [{"step": 2, "changes": {"batch_size": [1, 2], "steps": [2, 3]}}]
+    assert "settings changed at step 2, recorded in metadata.settings_history: batch_size: 1 -> 2; steps: 2 -> 3" \
+        in Path(folder, "training_log.txt").read_text()
 
 
 # ---------------------------------------------------------------------------------------------- NaN / Inf

@@ -12,15 +12,26 @@ from nnunet_alice.errors import AliceError, cli_main
 from nnunet_alice.pretrain.config import CASA_TARGETS, MATCHERS, OBJECTIVES, RECON_REGIONS, PretrainConfig
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` for options that take a value; not for switches or unset (``None``) defaults."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="alice_pretrain", description=__doc__,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="alice_pretrain", description=__doc__, formatter_class=DefaultsHelpFormatter)
     d = PretrainConfig()
     p.add_argument("-d", dest="dataset", required=True, help="dataset ID or name (e.g. 501 or Dataset501_X)")
     p.add_argument("-c", dest="configuration", default=d.configuration, help="nnU-Net configuration (3D)")
     p.add_argument("-p", dest="plans", default=d.plans, help="plans identifier")
     p.add_argument("-device", dest="device", default=d.device, choices=["cpu", "cuda"])
     p.add_argument("--continue", dest="resume", action="store_true", help="resume from checkpoint_latest.pth")
+    p.add_argument("--allow-settings-change", action="store_true",
+                   help="with --continue: accept settings that change the computation (refused otherwise) and "
+                        "record the change in the checkpoint (docs/resume.md)")
     p.add_argument("--unlabeled", action="append", default=[], metavar="DIR",
                    help="extra raw images (nnU-Net naming <case>_0000<ending>); repeatable")
     g = p.add_mutually_exclusive_group()
@@ -75,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
     from nnunet_alice.pretrain.data import resolve_dataset_name
 
-    values = {k: v for k, v in vars(args).items() if k not in ("dataset", "resume")}
+    values = {k: v for k, v in vars(args).items() if k not in ("dataset", "resume", "allow_settings_change")}
     values["dataset_name"] = resolve_dataset_name(args.dataset)
     values["unlabeled"] = list(args.unlabeled)
     return PretrainConfig.from_dict(values).validate()
@@ -88,7 +99,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from nnunet_alice.pretrain.runner import PretrainRun
 
     try:
-        PretrainRun(config, resume=args.resume).run()
+        PretrainRun(config, resume=args.resume, allow_settings_change=args.allow_settings_change).run()
     except AliceError:
         raise
     finally:

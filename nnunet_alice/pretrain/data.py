@@ -8,20 +8,24 @@ preprocessor for ``--unlabeled`` images, which are written to a separate folder
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
 import tempfile
+import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 import numpy as np
 
-from nnunet_alice.errors import AliceError
+from nnunet_alice.errors import AliceError, os_error_message
 from nnunet_alice.pretrain.matching.base import CaseVolume
 from nnunet_alice.pretrain.matching.fingerprint import read_json_or_none, write_json_atomic
 
 UNLABELED_SUBDIR = "alice_unlabeled"
+_CACHE_HINT = ("; make nnUNet_preprocessed writable, or copy the dataset's preprocessed folder to a writable place "
+               "and point nnUNet_preprocessed there")
 
 
 def _nnunet_path(var: str) -> str:
@@ -147,10 +151,20 @@ class PretrainData:
         """Preprocess raw images (nnU-Net naming) with the plan's preprocessor into our own folder (cached)."""
         file_ending = self.dataset_json["file_ending"]
         if not os.path.isdir(raw_dir):
-            raise AliceError(f"{raw_dir}: --unlabeled folder does not exist")
+            if not os.path.lexists(raw_dir):
+                raise AliceError(f"{raw_dir}: --unlabeled folder does not exist")
+            try:
+                os.stat(raw_dir)
+            except OSError as e:  # a symlink loop, a dangling link
+                raise AliceError(os_error_message(e, raw_dir, "opening the --unlabeled folder")) from None
+            raise AliceError(f"{raw_dir}: --unlabeled must be a folder, this is a file")
         pattern = re.compile(r"^(.+)_(\d{4})" + re.escape(file_ending) + "$")
         groups: Dict[str, Dict[int, str]] = {}
-        for name in sorted(os.listdir(raw_dir)):
+        try:
+            names = sorted(os.listdir(raw_dir))
+        except OSError as e:
+            raise AliceError(os_error_message(e, raw_dir, "listing the --unlabeled folder")) from None
+        for name in names:
             if name.startswith("."):
                 continue
             m = pattern.match(name)
@@ -161,19 +175,27 @@ class PretrainData:
         if not groups:
             raise AliceError(f"{raw_dir}: --unlabeled folder holds no images")
         out_dir = os.path.join(self.preprocessed_root, UNLABELED_SUBDIR, self.configuration_manager.data_identifier)
-        os.makedirs(out_dir, exist_ok=True)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            raise AliceError(os_error_message(e, out_dir, "creating the cache of preprocessed --unlabeled images")
+                             + _CACHE_HINT) from None
         refs = []
         for case_id, channels in groups.items():
             if sorted(channels) != list(range(self.num_input_channels)):
                 raise AliceError(f"{raw_dir}: case {case_id} has channels {sorted(channels)}, the dataset expects "
                                  f"{list(range(self.num_input_channels))}")
             files = [channels[c] for c in range(self.num_input_channels)]
-            stamp = [[os.path.abspath(f), os.path.getsize(f), int(os.path.getmtime(f))] for f in files]
+            stamp = [_source_stamp(f) for f in files]
             stamp_file = os.path.join(out_dir, case_id + ".source.json")
             done = os.path.isfile(os.path.join(out_dir, case_id + ".b2nd"))
             if not done or read_json_or_none(stamp_file) != stamp:   # missing, stale or corrupt stamp: redo
-                self._preprocess_one(files, out_dir, case_id)
-                write_json_atomic(stamp_file, stamp)
+                try:
+                    self._preprocess_one(files, out_dir, case_id)
+                    write_json_atomic(stamp_file, stamp)
+                except OSError as e:
+                    raise AliceError(os_error_message(e, e.filename or out_dir, f"writing preprocessed case {case_id}")
+                                     + _CACHE_HINT) from None
             refs.append(CaseRef(case_id, out_dir, "unlabeled"))
         return refs
 
@@ -185,6 +207,8 @@ class PretrainData:
 
         cm = self.configuration_manager
         preprocessor = cm.preprocessor_class(verbose=False)
+        for f in files:
+            check_not_truncated(f)
         try:  # what DefaultPreprocessor.run_case does, split so that the raw image can be checked first
             raw, properties = self.plans_manager.image_reader_writer_class().read_images(files)
         except Exception as e:  # reader errors differ per format; name the file and the most telling line
@@ -212,3 +236,60 @@ class PretrainData:
                 os.replace(os.path.join(tmp, case_id + ext), os.path.join(out_dir, case_id + ext))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _source_stamp(path: str) -> list:
+    """``[absolute path, size, mtime]`` of a raw image (the cache key); a file that cannot be opened is one line."""
+    try:
+        st = os.stat(path)
+    except OSError as e:  # a symlink loop, a dangling link, no permission
+        raise AliceError(os_error_message(e, path, "opening the image")) from None
+    if not os.path.isfile(path):
+        raise AliceError(f"{path}: is not a file")
+    return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+
+
+def _bytes_available(path: str, needed: int) -> int:
+    """Bytes the file yields, counted up to ``needed``: its size, or for gzip what decompresses (in 1 MiB chunks,
+    so a truncated file costs the time to read it, never the memory its header asks for)."""
+    if not path.lower().endswith(".gz"):
+        return os.path.getsize(path)
+    total = 0
+    decomp = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
+    with open(path, "rb") as f:
+        while total < needed:
+            chunk = decomp.unconsumed_tail or f.read(1 << 20)
+            if not chunk:
+                break
+            try:
+                total += len(decomp.decompress(chunk, 1 << 24))
+            except zlib.error:
+                break  # corrupt data: what decompressed so far is what the file holds
+            if decomp.eof:  # a concatenated gzip member may follow
+                rest = decomp.unused_data
+                decomp = zlib.decompressobj(wbits=zlib.MAX_WBITS | 16)
+                if rest:
+                    total += len(decomp.decompress(rest, 1 << 24))
+    return total
+
+
+def check_not_truncated(path: str) -> None:
+    """Refuse a NIfTI image whose header declares more voxel data than the file holds, reading only the header and
+    counting (not keeping) the bytes, before the image reader allocates the declared size."""
+    if not path.lower().endswith((".nii", ".nii.gz")):
+        return
+    try:
+        import nibabel
+
+        header = nibabel.load(path).header  # the header only; voxels are read lazily
+        shape = tuple(int(n) for n in header.get_data_shape())
+        dtype = np.dtype(header.get_data_dtype())
+        offset = int(header.get_data_offset())
+    except Exception:  # not a readable NIfTI header: the image reader gives the message
+        return
+    declared = math.prod(shape) * dtype.itemsize
+    have = _bytes_available(path, offset + declared)
+    if have < offset + declared:
+        raise AliceError(f"{path}: truncated: the header declares {'x'.join(map(str, shape))} voxels of {dtype} "
+                         f"({declared / 1e6:.1f} MB) but the file holds {max(0, have - offset) / 1e6:.1f} MB of voxel "
+                         f"data")

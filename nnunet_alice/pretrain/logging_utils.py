@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from datetime import datetime
 from typing import Dict, List
 
 import numpy as np
 
+LOG_NAME = "training_log.txt"
+PLOT_NAME = "progress.png"
 LOSS_KEYS = ("loss", "cls", "casa", "recon")
 MONITOR_KEYS = ("teacher_entropy", "kl_uniform")
 
@@ -16,7 +19,7 @@ class RunLog:
         self.folder = folder
         self.enabled = enabled
         self.history: List[Dict[str, float]] = []
-        self.log_file = os.path.join(folder, "training_log.txt")
+        self.log_file = os.path.join(folder, LOG_NAME)
         self.bar = None
         if enabled:
             from tqdm import tqdm
@@ -27,9 +30,7 @@ class RunLog:
     def line(self, text: str, echo: bool = False) -> None:
         if not self.enabled:
             return
-        stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
-        with open(self.log_file, "a") as f:
-            f.write(f"{stamp}: {text}\n")
+        stamp = append_log_line(self.folder, text)
         if echo:
             (self.bar.write if self.bar is not None else print)(f"{stamp}: {text}")
 
@@ -81,9 +82,29 @@ class RunLog:
             twin.plot(steps, mom, color="gray", linestyle="--", label="momentum")
             twin.set_ylabel("EMA momentum")
         fig.tight_layout()
-        path = os.path.join(self.folder, "progress.png")
+        path = os.path.join(self.folder, PLOT_NAME)
         tmp = path + ".tmp.png"
-        fig.savefig(tmp, dpi=80)
-        plt.close(fig)
-        os.replace(tmp, path)
+        try:
+            fig.savefig(tmp, dpi=80)
+            os.replace(tmp, path)
+        except OSError as e:  # the plot is a convenience: a full disk is reported by the next checkpoint
+            self.line(f"WARNING: {path}: not written ({e.strerror or e})", echo=True)
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            return ""
+        finally:
+            plt.close(fig)
         return path
+
+
+def append_log_line(folder: str, text: str) -> str:
+    """Append ``<timestamp>: text`` to ``folder/training_log.txt``; returns the stamp. A log that cannot be
+    written (disk full) is reported on stderr once per line instead of stopping the run."""
+    stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S.%f")
+    path = os.path.join(folder, LOG_NAME)
+    try:
+        with open(path, "a") as f:
+            f.write(f"{stamp}: {text}\n")
+    except OSError as e:
+        print(f"WARNING: {path}: cannot append to the log ({e.strerror or e})", file=sys.stderr)
+    return stamp

@@ -9,12 +9,16 @@ so ``--continue`` still finds a good checkpoint when the newest one is damaged (
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Dict, Optional
+import signal
+import sys
+import threading
+from typing import Callable, Dict, Optional
 
 import torch
 
-from nnunet_alice.errors import AliceError
+from nnunet_alice.errors import AliceError, RunStopped, os_error_message
 from nnunet_alice.pretrain import distributed as dist_utils
 from nnunet_alice.pretrain.logging_utils import RunLog
 
@@ -29,6 +33,21 @@ def pretrain_output_folder(dataset_name: str, plans: str, configuration: str) ->
     if not root:
         raise AliceError("environment variable nnUNet_results is not set")
     return os.path.join(root, dataset_name, f"{PRETRAIN_PREFIX}__{plans}__{configuration}")
+
+
+def check_output_files(folder: str) -> None:
+    """Refuse to start when something that is not a file sits where the run writes a file (it would train,
+    then fail at its first save)."""
+    if not os.path.isdir(folder):
+        return
+    from nnunet_alice.pretrain.logging_utils import LOG_NAME, PLOT_NAME
+
+    for name in (LATEST, PREVIOUS, FINAL, LOG_NAME, PLOT_NAME):
+        for path in (os.path.join(folder, name), os.path.join(folder, name + ".sha256")):
+            if os.path.lexists(path) and not os.path.isfile(path):
+                what = "a directory" if os.path.isdir(path) else "not a regular file (a broken link?)"
+                raise AliceError(f"{path}: is {what}, where the run writes a file; move it away (the run would "
+                                 f"fail when it saves)")
 
 
 def parameter_groups(modules: Dict[str, torch.nn.Module]):
@@ -57,9 +76,74 @@ def finite_or_raise(total: torch.Tensor, terms: Dict[str, torch.Tensor], step: i
     raise AliceError(f"non-finite loss at step {step}: term {bad[0]} = {float(terms.get(bad[0], total).detach())}{kept}")
 
 
+# ---------------------------------------------------------------------------------------------- stop requests
+class StopRequested(BaseException):
+    """Raised by :func:`train_step` before step ``step`` when a stop signal arrived: steps < ``step`` are done."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"{signal.Signals(signum).name} before step {step}")
+        self.signum = signum
+        self.step = step
+
+
+_stop = {"signum": None}
+
+
+def pending_stop(device: torch.device) -> Optional[int]:
+    """The signal that asked the run to stop, if any; with several processes, any one's request stops all."""
+    signum = _stop["signum"]
+    if dist_utils.world_size() > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([signum or 0], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        signum = int(flag.item()) or None
+    return signum
+
+
+@contextlib.contextmanager
+def stop_between_steps(announce: Callable[[str], None] = lambda m: print(m, file=sys.stderr)):
+    """While active, SIGTERM (what Slurm sends on pre-emption or time-out) and SIGINT ask the loop to stop
+    before its next step; a second signal stops at once. Forked data workers keep the default behaviour."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    owner = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != owner:  # a forked worker inherited this handler: behave as if it were not there
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        name = signal.Signals(signum).name
+        if _stop["signum"] is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise RunStopped(f"{name} again: stopped at once, without saving", 128 + signum)
+        _stop["signum"] = signum
+        announce(f"{name} received: saving a resumable checkpoint after the current step "
+                 f"({'Ctrl-C' if signum == signal.SIGINT else 'send it'} again to stop at once)")
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _stop["signum"] = None
+
+
 def train_step(objective, ddp_objective, optimizer, batch: dict, step: int, lr: float, wd: float,
                grad_clip: float, device: torch.device, autocast_dtype=None, last_good: Optional[str] = None):
-    """One optimisation step. ``ddp_objective`` is the objective itself or its DDP wrapper."""
+    """One optimisation step. ``ddp_objective`` is the objective itself or its DDP wrapper.
+
+    A pending stop request (:func:`stop_between_steps`) raises :class:`StopRequested` before anything changes.
+    """
+    signum = pending_stop(device)
+    if signum:
+        raise StopRequested(signum, step)
     batch = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     set_schedule(optimizer, lr, wd)
     optimizer.zero_grad(set_to_none=True)
@@ -86,20 +170,29 @@ class Checkpointer:
         self.folder = folder
         self.run = run
         self.last_good: Optional[str] = None
+        self.last_step: Optional[int] = None  # step of the last checkpoint this run wrote or resumed from
 
     def path(self, name: str) -> str:
         return os.path.join(self.folder, name)
 
     def save(self, name: str, step: int, with_state: bool) -> None:
+        """Write checkpoint ``name``; a file-system error becomes one line naming the file and the last good one."""
         if not dist_utils.is_main_process():
             return
         from nnunet_alice.checkpoint import save_checkpoint
 
         payload = self.run.payload(step, with_state)  # built before anything on disk changes
-        if name == LATEST:
-            self.keep_previous()
-        save_checkpoint(self.path(name), payload)
-        self.last_good = self.path(name)
+        path = self.path(name)
+        try:
+            if name == LATEST:
+                self.keep_previous()
+            save_checkpoint(path, payload)
+        except OSError as e:
+            kept = f"; last good checkpoint kept: {self.last_good}" if self.last_good else ""
+            raise AliceError(os_error_message(e, e.filename or path, f"writing checkpoint at step {step}") + kept) \
+                from None
+        self.last_good = path
+        self.last_step = step
 
     def remove_stale_temp_files(self) -> list:
         """Delete half-written checkpoint temp files a killed run left behind (never loaded, only disk space)."""
@@ -116,19 +209,26 @@ class Checkpointer:
         return removed
 
     def keep_previous(self) -> None:
-        """Rename ``checkpoint_latest.pth`` (+ sidecar) to ``checkpoint_latest.prev.pth`` (+ sidecar).
+        """Rename ``checkpoint_latest.pth`` to ``checkpoint_latest.prev.pth``, with a sidecar naming the new name.
 
-        The sidecar moves first: a kill between the two renames leaves the old latest without a sidecar (still
-        loadable, torch.load detects truncation) and the stale previous one with a mismatching digest (refused).
+        Order: the previous sidecar is written first (digest of the current latest, file name of the previous
+        one), then the latest sidecar is removed, then the file is renamed. A kill in between leaves the old
+        ``prev`` with a mismatching digest (refused) and the latest without a sidecar (loaded, noted unverified).
         """
+        from nnunet_alice.checkpoint import sidecar_digest, write_sidecar
+
         cur, prev = self.path(LATEST), self.path(PREVIOUS)
         if not os.path.isfile(cur):
             return
-        if os.path.isfile(cur + ".sha256"):
-            os.replace(cur + ".sha256", prev + ".sha256")
+        digest = sidecar_digest(cur)
+        if digest is not None:
+            write_sidecar(prev, digest)
+            os.remove(cur + ".sha256")
         elif os.path.isfile(prev + ".sha256"):
             os.remove(prev + ".sha256")
         os.replace(cur, prev)
+        if self.last_good == cur:
+            self.last_good = prev
 
 
 def make_run_log(folder: str, total_steps: int, start_step: int) -> RunLog:

@@ -6,6 +6,7 @@ Read top to bottom: ``__init__`` builds everything from a :class:`PretrainConfig
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import time
 from typing import List, Optional
@@ -14,14 +15,19 @@ import numpy as np
 import torch
 
 from nnunet_alice.checkpoint import make_payload, network_state_dict, nnssl_adaptation_plan
-from nnunet_alice.errors import AliceError
+from nnunet_alice.errors import AliceError, RunStopped, os_error_message
 from nnunet_alice.pretrain import distributed as dist_utils
 from nnunet_alice.pretrain.data import PretrainData
-from nnunet_alice.pretrain.loop import (FINAL, LATEST, PREVIOUS, Checkpointer, make_run_log, parameter_groups,
-                                        pretrain_output_folder, train_step)
+from nnunet_alice.pretrain.logging_utils import append_log_line
+from nnunet_alice.pretrain.loop import (FINAL, LATEST, PREVIOUS, Checkpointer, StopRequested, check_output_files,
+                                        make_run_log, parameter_groups, pretrain_output_folder, stop_between_steps,
+                                        train_step)
 from nnunet_alice.pretrain.monitor import CollapseMonitor
 from nnunet_alice.pretrain.metadata import build_metadata
 from nnunet_alice.pretrain.model import build_planned_network
+from nnunet_alice.pretrain.resume import (RESUME_FREE_SETTINGS, check_resumable, resume_candidates,  # noqa: F401
+                                          settings_changes)
+from nnunet_alice.pretrain.run_lock import RunLock
 from nnunet_alice.pretrain.schedules import Schedules
 from nnunet_alice.pretrain.views import ViewSampler, make_loader
 
@@ -46,47 +52,42 @@ def _is_student_network_key(key: str) -> bool:
     return key.startswith("network.") or key.startswith("student.network.")
 
 
-# settings that do not change what is computed; a resumed run may change them freely
-RESUME_FREE_SETTINGS = ("device", "num_workers", "save_every", "log_every", "compile")
-
-
-def resume_candidates(folder: str) -> List[str]:
-    """Checkpoints ``--continue`` may use, newest first; raises when there is none."""
-    found = [os.path.join(folder, n) for n in (LATEST, PREVIOUS) if os.path.isfile(os.path.join(folder, n))]
-    if not found:
-        raise AliceError(f"{os.path.join(folder, LATEST)}: --continue given but there is no checkpoint to continue "
-                         f"from (drop --continue to start a new run)")
-    return found
-
-
-def settings_changes(saved: dict, current: dict) -> List[str]:
-    """``key: saved -> current`` for every setting (except :data:`RESUME_FREE_SETTINGS`) that changed."""
-    out = []
-    for k in sorted(set(saved) | set(current)):
-        if k in RESUME_FREE_SETTINGS:
-            continue
-        a, b = saved.get(k), current.get(k)
-        if isinstance(a, tuple):
-            a = list(a)
-        if isinstance(b, tuple):
-            b = list(b)
-        if a != b:
-            out.append(f"{k}: {a!r} -> {b!r}")
-    return out
-
-
 class PretrainRun:
-    def __init__(self, config, resume: bool = False, output_folder: Optional[str] = None):
+    def __init__(self, config, resume: bool = False, output_folder: Optional[str] = None,
+                 allow_settings_change: bool = False):
+        """``allow_settings_change``: on ``resume``, accept settings that change the computation and record them
+        in the checkpoint's ``settings_history`` (default: refuse them)."""
         self.config = config
+        self.notes = []  # warnings found before the log exists; written to it when the run starts
+        self.folder = output_folder or pretrain_output_folder(config.dataset_name, config.plans,
+                                                              config.configuration)
+        self.lock: Optional[RunLock] = None
+        self.settings_history: List[dict] = []
+        try:
+            self._setup(config, resume, allow_settings_change)
+        except AliceError as e:
+            self._log_error(e)
+            self._release_lock()
+            raise
+        except OSError as e:  # a file-system error while setting up (e.g. a matcher cache): one line
+            err = AliceError(os_error_message(e))
+            self._log_error(err)
+            self._release_lock()
+            raise err from None
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _setup(self, config, resume: bool, allow_settings_change: bool) -> None:
         self.distributed = dist_utils.init_from_env(config.device)
         self.world = dist_utils.world_size()
         self.device = self._device(config.device)
         torch.manual_seed(config.seed + dist_utils.rank())
-        self.notes = []  # warnings found before the log exists; written to it when the run starts
         # cheap checks first, so that nothing is preprocessed or created when one of them fails
-        self.folder = output_folder or pretrain_output_folder(config.dataset_name, config.plans,
-                                                              config.configuration)
         self._check_writable()
+        if os.path.isdir(self.folder):  # a new folder is locked when run() creates it
+            self._acquire_lock()
+        check_output_files(self.folder)
         if resume:
             resume_candidates(self.folder)
 
@@ -122,7 +123,7 @@ class PretrainRun:
         self.history = []
         self.rng_state = None
         if resume:
-            self._resume()
+            self._resume(allow_settings_change)
 
         from nnunet_alice.pretrain.matching import build_matcher
         matcher = None
@@ -167,31 +168,36 @@ class PretrainRun:
         except OSError as e:
             raise AliceError(f"{self.folder}: output folder is not writable ({e.strerror or e})") from None
 
-    def _resume(self) -> None:
+    def _resume(self, allow_settings_change: bool = False) -> None:
         """Restore network, objective (teacher, centres, CASA target), optimizer, RNG, step and history.
 
         Tries ``checkpoint_latest.pth``, then ``checkpoint_latest.prev.pth``; a damaged file (checksum,
-        truncation) is reported in the log and skipped.
+        truncation) is reported in the log and skipped. A checkpoint past the asked length, or (without
+        ``allow_settings_change``) one made with other computation-changing settings, is refused.
         """
         from nnunet_alice.checkpoint import load_checkpoint
 
-        errors = []
+        errors, unverified = [], []
         for path in resume_candidates(self.folder):
             try:
-                ckpt = load_checkpoint(path, map_location="cpu")
+                ckpt = load_checkpoint(path, map_location="cpu", note=unverified.append)
                 state = ckpt.get("training_state")
                 if state is None:
                     raise AliceError(f"{path}: holds no training state, cannot continue")
+            except AliceError as e:
+                errors.append(str(e))
+                continue
+            history, notes = check_resumable(path, ckpt.get("metadata", {}), int(state.get("step", 0)),
+                                             self.total_steps, self.config.to_dict(), allow_settings_change)
+            try:
                 self._restore(path, ckpt, state)
             except AliceError as e:
                 errors.append(str(e))
                 continue
+            self.settings_history = history
             for err in errors:
                 self.notes.append(f"WARNING: {err}; continuing from {path} instead")
-            changed = settings_changes(ckpt.get("metadata", {}).get("settings", {}), self.config.to_dict())
-            if changed:
-                self.notes.append(f"WARNING: settings differ from the checkpoint's ({'; '.join(changed)}); the "
-                                  f"resumed run will not match an uninterrupted one")
+            self.notes += [f"WARNING: {u}" for u in unverified if u.startswith(path + ":")] + notes
             self.notes.append(f"continuing from {path} at step {self.start_step}")
             return
         raise AliceError(f"no usable checkpoint to continue from: {' | '.join(errors)}")
@@ -214,11 +220,13 @@ class PretrainRun:
         self.start_step = int(state["step"])
         self.history = list(state.get("history", []))
         self.checkpointer.last_good = path
+        self.checkpointer.last_step = self.start_step
 
     # ------------------------------------------------------------------ checkpoint content
     def payload(self, step: int, with_state: bool) -> dict:
         stats = self._matcher_stats()
         meta = build_metadata(self.data, self.data.case_keys(), self.config.to_dict(), step, self.total_steps, stats)
+        meta["settings_history"] = list(self.settings_history)
         state = None
         if with_state:
             state = {
@@ -239,13 +247,74 @@ class PretrainRun:
         fb = [h["fallback_rate"] for h in hist if "fallback_rate" in h]
         return {"matcher": self.config.matcher, "fallback_rate": float(np.mean(fb)) if fb else 0.0}
 
+    # ------------------------------------------------------------------ lock, signals, file-system errors
+    def _acquire_lock(self) -> None:
+        if self.lock is not None or not dist_utils.is_main_process():
+            return
+        self.lock = RunLock(self.folder).acquire()
+        if self.lock.stale:
+            self.notes.append(f"took over the run lock of a run that ended without releasing it ({self.lock.stale})")
+
+    def _release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _log_error(self, error: Exception) -> None:
+        """Add ``ERROR: ...`` to the folder's training log, if this run holds the folder (never another run's)."""
+        if self.lock is not None:
+            append_log_line(self.folder, f"ERROR: {error}")
+
+    def _announce(self, message: str) -> None:
+        log = getattr(self, "log", None)
+        if log is not None:
+            log.line(message, echo=True)
+        else:
+            print(message, flush=True)
+
+    def _stopped(self, stop: StopRequested) -> RunStopped:
+        """After a stop signal: save a resumable checkpoint of the ``stop.step`` steps done, log, exit 128 + signal."""
+        name = signal.Signals(stop.signum).name
+        if stop.step > 0 and stop.step != self.checkpointer.last_step:
+            try:
+                self.checkpointer.save(LATEST, stop.step, with_state=True)
+            except AliceError as e:
+                self._log_error(e)
+                raise
+        last = self.checkpointer.last_good
+        saved = (f"resumable checkpoint {last} at step {self.checkpointer.last_step}; continue with --continue"
+                 if last else "no step was done, nothing saved")
+        self._announce(f"{name}: stopped after step {stop.step} of {self.total_steps}; {saved}")
+        return RunStopped(f"stopped by {name}: {saved}", 128 + stop.signum)
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> str:
-        cfg, sch = self.config, self.schedules
+        """Train under the folder's run lock. SIGTERM/SIGINT stop between steps with a resumable checkpoint
+        (exit 128 + signal); a file-system error stops with one line naming the file (also in the log)."""
         try:
             os.makedirs(self.folder, exist_ok=True)
         except OSError as e:
             raise AliceError(f"{self.folder}: output folder cannot be created ({e.strerror or e})") from None
+        try:
+            self._acquire_lock()
+            with stop_between_steps(self._announce):
+                try:
+                    return self._train()
+                except StopRequested as stop:
+                    raise self._stopped(stop) from None
+        except OSError as e:
+            err = AliceError(os_error_message(e))
+            self._log_error(err)
+            raise err from None
+        except AliceError as e:
+            if getattr(self, "log", None) is None:  # (the loop logs its own errors)
+                self._log_error(e)
+            raise
+        finally:
+            self._release_lock()
+
+    def _train(self) -> str:
+        cfg, sch = self.config, self.schedules
         self.log = make_run_log(self.folder, self.total_steps, self.start_step)
         self.log.history = list(self.history)
         self.log.line(f"alice_pretrain {cfg.objective} on {self.data.dataset_name} {cfg.plans} {cfg.configuration}: "

@@ -103,27 +103,14 @@ def load_training_checkpoint(path: str, map_location=None) -> dict:
     nnU-Net stores numpy scalars in its logging lists and ``_best_ema``; exactly those numpy types are allowed,
     nothing else (a pickled object that would run code is refused with a one-line error).
     """
-    import pickle
-    import zipfile
-
     import numpy as np
 
-    if not os.path.isfile(path):
-        raise AliceError(f"{path}: checkpoint file not found")
+    from nnunet_alice.checkpoint import safe_torch_load
+
     allowed = [np.dtype, type(np.dtype("float64")), type(np.dtype("float32")), type(np.dtype("int64"))]
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import scalar
     allowed.append(scalar)
-    try:
-        with torch.serialization.safe_globals(allowed):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
-        first = next((ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln), lines[0])
-        raise AliceError(f"{path}: refused to load, the file contains pickled objects that are not plain "
-                         f"tensors or containers ({first[:160]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AliceError(f"{path}: not a readable checkpoint, truncated or corrupted ({first[:160]})") from None
+    return safe_torch_load(path, map_location, allowed_globals=allowed)
