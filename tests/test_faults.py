@@ -99,6 +99,36 @@ def test_without_flock_the_recorded_holder_decides(tmp_path, monkeypatch):
         RunLock(str(tmp_path)).acquire()
 
 
+def _stop_worker(rank, world, port, out_dir):
+    import torch
+    import torch.distributed as dist
+
+    from nnunet_alice.pretrain import loop
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        seen = [loop.pending_stop(torch.device("cpu"))]  # nobody asked
+        if rank == 1:
+            loop._stop["signum"] = int(signal.SIGTERM)  # only rank 1 got the signal
+        seen.append(loop.pending_stop(torch.device("cpu")))
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(seen))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_stop_request_on_one_rank_stops_every_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_stop_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [None, int(signal.SIGTERM)]
+
+
 # ---------------------------------------------------------------------------------------------- -h
 def test_help_shows_no_default_for_switches():
     from nnunet_alice.pretrain.cli import build_parser
