@@ -99,6 +99,27 @@ def test_without_flock_the_recorded_holder_decides(tmp_path, monkeypatch):
         RunLock(str(tmp_path)).acquire()
 
 
+def _report_sigterm_handler(path):
+    Path(path).write_text(repr(signal.getsignal(signal.SIGTERM)))
+
+
+def test_stop_handlers_are_scoped_and_forked_workers_keep_the_default(tmp_path):
+    """A forked data worker must die from SIGTERM even when stuck in C code: no Python-level handler in it."""
+    import multiprocessing
+
+    from nnunet_alice.pretrain import loop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with loop.stop_between_steps():
+        assert signal.getsignal(signal.SIGTERM) is not before
+        child = multiprocessing.get_context("fork").Process(target=_report_sigterm_handler,
+                                                            args=(str(tmp_path / "child"),))
+        child.start()
+        child.join(60)
+    assert (tmp_path / "child").read_text() == repr(before)  # normally SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def _stop_worker(rank, world, port, out_dir):
     import torch
     import torch.distributed as dist

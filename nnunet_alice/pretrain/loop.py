@@ -86,7 +86,21 @@ class StopRequested(BaseException):
         self.step = step
 
 
-_stop = {"signum": None}
+_stop = {"signum": None, "previous": None}
+
+
+def _previous_handlers_in_child() -> None:
+    """A process forked while :func:`stop_between_steps` is active (a data worker) gets the handlers from before
+    it: a Python-level handler would never run while the worker is stuck in C code, so SIGTERM could not end it."""
+    previous, _stop["previous"], _stop["signum"] = _stop["previous"], None, None
+    for s, h in (previous or {}).items():
+        try:
+            signal.signal(s, h)
+        except (ValueError, OSError):  # forked from a thread other than the main one: nothing to restore there
+            pass
+
+
+os.register_at_fork(after_in_child=_previous_handlers_in_child)
 
 
 def pending_stop(device: torch.device) -> Optional[int]:
@@ -127,12 +141,13 @@ def stop_between_steps(announce: Callable[[str], None] = lambda m: print(m, file
                  f"({'Ctrl-C' if signum == signal.SIGINT else 'send it'} again to stop at once)")
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    _stop["previous"] = previous
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        _stop["signum"] = None
+        _stop["signum"] = _stop["previous"] = None
 
 
 def train_step(objective, ddp_objective, optimizer, batch: dict, step: int, lr: float, wd: float,
