@@ -21,7 +21,7 @@ from nnunet_alice.pretrain import run_lock
 from nnunet_alice.pretrain.run_lock import LOCK_NAME, RunLock
 
 HOLD_LOCK = ("import sys, time\nfrom nnunet_alice.pretrain.run_lock import RunLock\n"
-             "RunLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(300)\n")
+             "lock = RunLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(300)\n")
 
 
 def start_lock_holder(folder: Path) -> subprocess.Popen:
@@ -370,3 +370,9 @@ def test_sigint_stops_between_steps_with_a_checkpoint(box, tmp_path, monkeypatch
     assert ei.value.exit_code == 130 and "stopped by SIGINT" in str(ei.value)
     assert load_checkpoint(str(folder / "checkpoint_latest.pth"))["training_state"]["step"] == 3
     assert signal.getsignal(signal.SIGINT) is handler  # the previous handler is back
+
+
+def test_a_dropped_lock_object_frees_the_folder(tmp_path):
+    lock = RunLock(str(tmp_path)).acquire()
+    del lock  # e.g. a PretrainRun built (folder locked) but never run
+    RunLock(str(tmp_path)).acquire().release()

@@ -131,6 +131,9 @@ class RunLock:
         os.pwrite(self.fd, data, 0)
         os.fsync(self.fd)
 
+    def __del__(self):  # a run object dropped without running (library use) frees its folder
+        self.release()
+
     def release(self) -> None:
         """Remove the lock file (while still holding it, so no other run can have locked this inode) and unlock."""
         if self.fd is None:
