@@ -421,8 +421,7 @@ def measure_pipeline(plan: Plan, device: torch.device, batch: int, patch: Sequen
             log(f"  [pipeline {workers} workers] step {i + 1}/{total}{' (warm-up)' if i < warmup else ''}: "
                 f"{dt * 1e3:.0f} ms, waited for data {t_data * 1e3:.0f} ms")
     finally:
-        if hasattr(loader, "_finish"):
-            loader._finish()
+        loader.close()
     return {"workers": workers, "batch": batch, "patch": list(patch), "steps": steps, "warmup": warmup,
             "matcher": matcher_name, "ms_per_step_with_data": statistics.fmean(totals) * 1e3,
             "ms_data_wait": statistics.fmean(waits) * 1e3, "data_wait_share": sum(waits) / sum(totals),

@@ -96,8 +96,7 @@ def nnunet_side(dataset_name, plans_name, configuration, device, n_batches):
     loader_train, loader_val = trainer.get_dataloaders()
     batches = [next(loader_train) for _ in range(n_batches)]
     for loader in (loader_train, loader_val):
-        if hasattr(loader, "_finish"):
-            loader._finish()
+        loader.close()
     trainer.network.train()
 
     def step(i):

@@ -217,7 +217,7 @@ def test_same_stream_through_zero_and_two_workers(data):
     try:
         got = [next(loader) for _ in range(4)]
     finally:
-        loader._finish()
+        loader.close()
     assert [g["batch_index"] for g in got] == [0, 1, 2, 3]
     assert all(_same(g, e) for g, e in zip(got, expected))
 

@@ -2,8 +2,9 @@
 
 Per sample (Alice Sec. 3.1, Fig. 2): a query point in volume A and, through the matcher, the anatomically
 corresponding point in a *different* volume B (or in A for ``intra``); crops around both points; for each
-crop one student view (augmented, then block-masked) and one teacher view (augmented independently,
-unmasked). The MAE objective only needs the student query view and its mask.
+crop one student view (augmented, then block-masked), its reconstruction target (the same spatial transform,
+no intensity transform) and one teacher view (augmented independently, unmasked). The MAE objective only needs
+the student query view, its target and its mask.
 
 Augmentation is nnU-Net's own batchgeneratorsv2 training pipeline (``nnUNetTrainer.get_training_transforms``)
 without mirroring (flips would break the anatomical correspondence between Q and K).
@@ -14,13 +15,15 @@ continues it exactly.
 """
 from __future__ import annotations
 
+import os
 import random
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
 from nnunet_alice.pretrain.masking import batch_block_masks
+from nnunet_alice.pretrain.workers import DEFAULT_DATA_TIMEOUT, WatchedLoader, init_worker
 
 
 def _augmentation_settings(patch_size: Sequence[int]):
@@ -50,6 +53,27 @@ def build_view_transforms(patch_size: Sequence[int], augment: bool):
     return transforms, initial
 
 
+def split_spatial_intensity(transforms):
+    """Split nnU-Net's training pipeline into ``(spatial, intensity)`` composes (either may be ``None``).
+
+    The spatial part is everything up to the ``SpatialTransform`` (and the 2D/3D conversions around it); the
+    rest (noise, blur, brightness, contrast, low resolution, gamma, label clean-up) is the intensity part.
+    Applying both in order is the full pipeline.
+    """
+    if transforms is None:
+        return None, None
+    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+    from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform
+
+    items = list(transforms.transforms)
+    cut = max([i + 1 for i, t in enumerate(items) if isinstance(t, (SpatialTransform, Convert2DTo3DTransform))],
+              default=0)
+    if cut == 0:
+        raise ValueError("the augmentation pipeline holds no SpatialTransform")
+    return ComposeTransforms(items[:cut]), (ComposeTransforms(items[cut:]) if cut < len(items) else None)
+
+
 def crop_around(image, center: np.ndarray, size: Sequence[int]) -> torch.Tensor:
     """Crop ``size`` voxels centred on ``center`` from a (C, X, Y, Z) array, zero-padded outside the volume."""
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
@@ -77,9 +101,13 @@ class ViewSampler:
         self.next_batch = int(start_batch)
         self.transforms, self.crop_size = build_view_transforms(self.patch_size, config.augment)
         self._open: Dict[str, object] = {}
+        self.parent_pid: Optional[int] = None  # set by make_loader before workers are forked
 
     # batchgenerators protocol -------------------------------------------------------------
     def set_thread_id(self, thread_id: int) -> None:
+        """Called by batchgenerators first thing in each worker process (also the place to make it fork-safe)."""
+        if self.parent_pid is not None and os.getpid() != self.parent_pid:
+            init_worker(self.parent_pid)
         self.thread_id = thread_id
 
     def __iter__(self):
@@ -137,9 +165,23 @@ class ViewSampler:
         return batch
 
     def _augment(self, crop: torch.Tensor) -> torch.Tensor:
+        """A fully augmented view (spatial and intensity transforms): the teacher's."""
         if self.transforms is None:
             return crop
         return self.transforms(image=crop.clone())["image"]
+
+    def _augment_student(self, crop: torch.Tensor):
+        """``(student view, reconstruction target)``: one spatial transform for both, intensity only for the
+        student, so the target is what the student sees before noise, blur, gamma and contrast changes."""
+        if self.transforms is None:
+            return crop, crop
+        parts = self.__dict__.get("_split")
+        if parts is None:
+            parts = self.__dict__["_split"] = split_spatial_intensity(self.transforms)
+        spatial, intensity = parts
+        target = spatial(image=crop.clone())["image"]
+        student = target if intensity is None else intensity(image=target.clone())["image"]
+        return student, target
 
     def _sample(self, rng: np.random.Generator) -> dict:
         ref_a = self.cases[int(rng.integers(len(self.cases)))]
@@ -147,7 +189,8 @@ class ViewSampler:
         if self.objective == "mae":
             point = self._random_point(case_a, rng)
             crop = crop_around(case_a.image, point, self.crop_size)
-            return {"student_q": self._augment(crop), "case_q": case_a.case_id}
+            student, target = self._augment_student(crop)
+            return {"student_q": student, "target_q": target, "case_q": case_a.case_id}
 
         case_b = case_a
         if self.matcher.inter_volume and len(self.cases) > 1:
@@ -159,9 +202,13 @@ class ViewSampler:
             case_b = case_a
         crop_q = crop_around(case_a.image, point_a, self.crop_size)
         crop_k = crop_around(case_b.image, point_b, self.crop_size)
+        student_q, target_q = self._augment_student(crop_q)
+        teacher_q = self._augment(crop_q)
+        student_k, target_k = self._augment_student(crop_k)
+        teacher_k = self._augment(crop_k)
         return {
-            "student_q": self._augment(crop_q), "teacher_q": self._augment(crop_q),
-            "student_k": self._augment(crop_k), "teacher_k": self._augment(crop_k),
+            "student_q": student_q, "target_q": target_q, "teacher_q": teacher_q,
+            "student_k": student_k, "target_k": target_k, "teacher_k": teacher_k,
             "score": torch.tensor(float(score)), "fallback": torch.tensor(float(fell_back)),
             "case_q": case_a.case_id, "case_k": case_b.case_id,
         }
@@ -181,12 +228,17 @@ class ViewSampler:
                                   tries=self.config.match_tries, margin=np.asarray(self.patch_size) // 4)
 
 
-def make_loader(sampler: ViewSampler, num_workers: int, seed: int):
-    """Wrap a sampler in batchgenerators' ordered multi-process augmenter (or run it in-process)."""
+def make_loader(sampler: ViewSampler, num_workers: int, seed: int, timeout: float = DEFAULT_DATA_TIMEOUT):
+    """The batch stream: ``sampler`` in ``num_workers`` forked processes (batchgenerators' ordered
+    ``MultiThreadedAugmenter``) or in this process (``num_workers <= 0``), behind a :class:`WatchedLoader` that
+    stops with a one-line error when no batch arrives within ``timeout`` seconds. Call ``close()`` when done."""
     if num_workers <= 0:
-        return sampler
+        return WatchedLoader(sampler, timeout, "the view sampler (--num-workers 0, in this process)")
     from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
 
     sampler.number_of_threads_in_multithreaded = num_workers
-    return MultiThreadedAugmenter(sampler, None, num_workers, num_cached_per_queue=2,
-                                  seeds=[seed + i for i in range(num_workers)], pin_memory=torch.cuda.is_available())
+    sampler.parent_pid = os.getpid()
+    augmenter = MultiThreadedAugmenter(sampler, None, num_workers, num_cached_per_queue=2,
+                                       seeds=[seed + i for i in range(num_workers)],
+                                       pin_memory=torch.cuda.is_available())
+    return WatchedLoader(augmenter, timeout, f"the {num_workers} data worker process(es) (--num-workers)")
