@@ -9,7 +9,7 @@ import argparse
 from typing import List, Optional
 
 from nnunet_alice.errors import AliceError, cli_main
-from nnunet_alice.pretrain.config import CASA_TARGETS, MATCHERS, OBJECTIVES, RECON_REGIONS, PretrainConfig
+from nnunet_alice.pretrain.config import CASA_TARGETS, MASKINGS, MATCHERS, OBJECTIVES, RECON_REGIONS, PretrainConfig
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no view augmentation (the official code's behaviour)")
     o.add_argument("--mask-ratio", type=float, default=d.mask_ratio)
     o.add_argument("--mask-block-size", type=int, default=d.mask_block_size, help="mask block edge in voxels")
+    o.add_argument("--masking", choices=MASKINGS, default=d.masking,
+                   help="spark: masked blocks stay empty through the encoder (re-masked convs, visible-only norm "
+                        "statistics) and are filled by mask tokens + densify convs before the decoder; "
+                        "zero: zero-filled input through the dense network")
+    o.add_argument("--recon-norm-target", action="store_true",
+                   help="reconstruct the target standardised within each mask block")
     o.add_argument("--match-threshold", type=float, default=d.match_threshold,
                    help="accept a match scoring at least this (registration: local NCC; embedding: mean cosine)")
     o.add_argument("--match-tries", type=int, default=d.match_tries,

@@ -15,6 +15,7 @@ OBJECTIVES = ("alice", "mae")
 MATCHERS = ("intra", "registration", "embedding")
 CASA_TARGETS = ("teacher_encoder_ema", "teacher_decoder_shared")
 RECON_REGIONS = ("masked", "all")
+MASKINGS = ("spark", "zero")
 
 
 @dataclass
@@ -44,6 +45,8 @@ class PretrainConfig:
     # masking
     mask_ratio: float = 0.75
     mask_block_size: int = 16     # voxels per block edge (clipped to the patch size)
+    masking: str = "spark"        # spark: sparse encoder + mask tokens/densify (pretrain/sparse.py); zero: dense
+    recon_norm_target: bool = False  # reconstruct the target standardised per mask block
 
     # heads and temperatures (DINO-style head, Sec. 3 / official code)
     head_hidden_dim: int = 2048
@@ -97,6 +100,8 @@ class PretrainConfig:
             bad(f"--casa-target must be one of {CASA_TARGETS}, got {self.casa_target!r}")
         if self.recon_region not in RECON_REGIONS:
             bad(f"--recon-region must be one of {RECON_REGIONS}, got {self.recon_region!r}")
+        if self.masking not in MASKINGS:
+            bad(f"--masking must be one of {MASKINGS}, got {self.masking!r}")
         if not 0.0 <= self.mask_ratio < 1.0:
             bad(f"--mask-ratio must be in [0, 1), got {self.mask_ratio}")
         if self.mask_block_size < 1:

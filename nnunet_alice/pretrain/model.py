@@ -1,13 +1,13 @@
 """The student network is exactly the network nnU-Net planned; this module builds it and taps its features.
 
 * ``build_planned_network``: nnU-Net's own builder (``nnUNetTrainer.build_network_architecture`` →
-  ``get_network_from_plans``) with as many output channels as input channels, so the last decoder
-  "segmentation" layer is the reconstruction head (a 1×1 conv) and every other tensor has the key and shape
-  of the network nnU-Net will fine-tune.
-* ``UNetFeatures``: runs the network once and returns the reconstruction plus the two feature maps Alice
-  needs from a CNN U-Net (docs/method.md): the bottleneck (encoder tokens; its global average pool is the
-  "CLS") and an early decoder stage (decoder tokens). Features are read with forward hooks, so nnU-Net's
-  forward is never re-implemented and torch.compile / DDP wrappers keep working.
+  ``get_network_from_plans``) with as many output channels as input channels, so every tensor has the key and
+  shape of the network nnU-Net will fine-tune except the segmentation layers, which pretraining does not use
+  (reconstruction has its own head, ``pretrain/sparse.py``) and fine-tuning never loads.
+* ``UNetFeatures``: runs the network once and returns its output plus the two feature maps Alice needs from a
+  CNN U-Net (docs/method.md): the bottleneck (encoder tokens; its global average pool is the "CLS") and an early
+  decoder stage (decoder tokens). Features are read with forward hooks, so nnU-Net's forward is never
+  re-implemented and torch.compile / DDP wrappers keep working.
 """
 from __future__ import annotations
 
@@ -27,13 +27,12 @@ def build_planned_network(plans_manager, configuration_manager, num_input_channe
 
 
 def freeze_unused_output_layers(network: nn.Module) -> None:
-    """Without deep supervision only the last decoder output layer is used: the others get no gradient.
+    """Pretraining reconstructs through a separate head, so no segmentation layer gets a gradient.
 
     They are excluded from optimisation (and DDP's gradient reduction, which would otherwise wait for them).
     Output layers are never transferred to fine-tuning anyway.
     """
-    for layer in unwrap(network).decoder.seg_layers[:-1]:
-        layer.requires_grad_(False)
+    unwrap(network).decoder.seg_layers.requires_grad_(False)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

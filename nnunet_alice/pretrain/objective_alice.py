@@ -2,7 +2,8 @@
 
     L = λ1 · L_cls  (Eq. 1, DINO cross-view CE on the pooled bottleneck, teacher(Q)↔student(masked K) and back)
       + λ2 · L_casa (Eq. 2, CE between CASA outputs S (online) and T (target), per view)
-      + λ3 · L_rec  (masked image modelling through the decoder, MSE)
+      + λ3 · L_rec  (masked image modelling through the decoder and a separate head, MSE on masked voxels
+                     against the view without intensity augmentation; SparK-style masking: pretrain/sparse.py)
 
 Mapping to a CNN U-Net: CLS = global average pool of the bottleneck; encoder tokens = bottleneck voxels;
 decoder tokens = voxels of the lowest-resolution decoder stage; linear projections sized from the plan's
@@ -19,9 +20,10 @@ from torch import nn
 from nnunet_alice.pretrain.casa import CasaAlignment
 from nnunet_alice.pretrain.ema import EmaTeacher
 from nnunet_alice.pretrain.heads import DinoHead, TokenProjection, global_pool_tokens
-from nnunet_alice.pretrain.losses import (CasaTokenLoss, DinoCrossViewLoss, kl_to_uniform, reconstruction_loss,
-                                          teacher_entropy)
+from nnunet_alice.pretrain.losses import (CasaTokenLoss, DinoCrossViewLoss, kl_to_uniform, teacher_entropy)
 from nnunet_alice.pretrain.model import UNetFeatures, feature_channels
+from nnunet_alice.pretrain.objective_mae import input_channels
+from nnunet_alice.pretrain.sparse import SparseMaskedModel, mim_loss
 
 
 class AliceStudent(nn.Module):
@@ -53,6 +55,8 @@ class AliceObjective(nn.Module):
         self.schedules = schedules
         self.student = AliceStudent(network, config)
         self.teacher = EmaTeacher(self.student)
+        # masking of the student's views and the reconstruction head (pretrain/sparse.py); after the teacher copy
+        self.mim = SparseMaskedModel(network, input_channels(network), config.masking, with_head=config.use_recon)
         k = config.head_out_dim
         self.casa = CasaAlignment(dim=k, num_heads=config.casa_heads, dropout=config.casa_dropout,
                                   ema_target=config.casa_target == "teacher_encoder_ema")
@@ -69,7 +73,7 @@ class AliceObjective(nn.Module):
         self.student._features.compile()
 
     def student_modules(self) -> Dict[str, nn.Module]:
-        mods = {"student": self.student}
+        mods = {"student": self.student, "mim": self.mim}
         if self.config.use_casa:
             mods["casa"] = self.casa
         return mods
@@ -80,7 +84,8 @@ class AliceObjective(nn.Module):
         b = batch["student_q"].shape[0]
         views = torch.cat([batch["student_q"], batch["student_k"]])
         masks = torch.cat([batch["mask_q"], batch["mask_k"]])
-        s = self.student.encode(views * (1.0 - masks), need_tokens=cfg.use_casa)
+        with self.mim.masked(masks):
+            s = self.student.encode(views * (1.0 - masks), need_tokens=cfg.use_casa)
         with torch.no_grad():
             t = self.teacher.module.encode(torch.cat([batch["teacher_q"], batch["teacher_k"]]),
                                            need_tokens=cfg.use_casa)
@@ -98,7 +103,9 @@ class AliceObjective(nn.Module):
             terms["casa"] = self.casa_loss([online[:b], online[b:]], [target[:b], target[b:]], temp)
             total = total + cfg.lambda_casa * terms["casa"]
         if cfg.use_recon:
-            terms["recon"] = reconstruction_loss(s["recon"].float(), views, masks, cfg.recon_region)
+            targets = torch.cat([batch.get("target_q", batch["student_q"]), batch.get("target_k", batch["student_k"])])
+            terms["recon"] = mim_loss(self.mim.reconstruction(), targets, masks, cfg.recon_region,
+                                      cfg.recon_norm_target, cfg.mask_block_size)
             total = total + cfg.lambda_recon * terms["recon"]
         with torch.no_grad():
             terms["teacher_entropy"] = teacher_entropy(t_cls, self.cls_loss.center, temp)
