@@ -74,27 +74,6 @@ def split_spatial_intensity(transforms):
     return ComposeTransforms(items[:cut]), (ComposeTransforms(items[cut:]) if cut < len(items) else None)
 
 
-def split_spatial_intensity(transforms):
-    """Split nnU-Net's training pipeline into ``(spatial, intensity)`` composes (either may be ``None``).
-
-    The spatial part is everything up to the ``SpatialTransform`` (and the 2D/3D conversions around it); the
-    rest (noise, blur, brightness, contrast, low resolution, gamma, label clean-up) is the intensity part.
-    Applying both in order is the full pipeline.
-    """
-    if transforms is None:
-        return None, None
-    from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
-    from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
-    from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform
-
-    items = list(transforms.transforms)
-    cut = max([i + 1 for i, t in enumerate(items) if isinstance(t, (SpatialTransform, Convert2DTo3DTransform))],
-              default=0)
-    if cut == 0:
-        raise ValueError("the augmentation pipeline holds no SpatialTransform")
-    return ComposeTransforms(items[:cut]), (ComposeTransforms(items[cut:]) if cut < len(items) else None)
-
-
 def crop_around(image, center: np.ndarray, size: Sequence[int]) -> torch.Tensor:
     """Crop ``size`` voxels centred on ``center`` from a (C, X, Y, Z) array, zero-padded outside the volume."""
     from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
