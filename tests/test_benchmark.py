@@ -1,10 +1,10 @@
-"""alice_benchmark: run matrix, CSV rows, resume, failure reporting (fake command runner) + one real tiny cell."""
+"""alice_benchmark: run matrix, init-matched arms, CSV rows, resume, failure reporting, confidence intervals and
+the budget check (fake command runner) + one real tiny cell."""
 from __future__ import annotations
 
 import csv
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -12,8 +12,8 @@ import pytest
 
 from nnunet_alice.errors import AliceError
 from nnunet_alice.tools import bench_report
-from nnunet_alice.tools.bench_config import (BUDGETS, FoldRegistry, get_budget, labelled_subset, parse_method,
-                                             resolve_label_counts)
+from nnunet_alice.tools.bench_config import (BUDGETS, METHODS, Arm, get_budget, labelled_subset,
+                                             parse_method, resolve_label_counts)
 from nnunet_alice.tools.benchmark import Benchmark, read_summary
 
 DS = "Dataset993_BenchFake"
@@ -41,6 +41,11 @@ def _arg(argv, flag):
     return argv[argv.index(flag) + 1]
 
 
+def tool_of(argv):
+    """The console script, or the step of ``python -m nnunet_alice.tools.bench_steps STEP``."""
+    return argv[3] if argv[1:3] == ["-m", "nnunet_alice.tools.bench_steps"] else argv[0]
+
+
 class FakeRunner:
     """Stands in for the subprocesses: writes the files each tool would write; ``fail(argv, env)`` -> exit 1."""
 
@@ -49,7 +54,7 @@ class FakeRunner:
         self.fail = fail or (lambda argv, env: False)
 
     def tools(self):
-        return [argv[0] for argv, _ in self.calls]
+        return [tool_of(argv) for argv, _ in self.calls]
 
     def __call__(self, argv, env, log):
         self.calls.append((list(argv), dict(env)))
@@ -57,8 +62,13 @@ class FakeRunner:
         if self.fail(argv, env):
             Path(log).write_text("Traceback (most recent call last):\nRuntimeError: simulated crash\n")
             return 1, "Traceback (most recent call last):\nRuntimeError: simulated crash"
-        tool, pre = argv[0], Path(env["nnUNet_preprocessed"]) / DS
-        if tool == "nnUNetv2_plan_experiment":
+        tool, pre = tool_of(argv), Path(env["nnUNet_preprocessed"]) / DS
+        if tool in ("init", "probe"):
+            out = Path(_arg(argv, "-o"))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"mean_dice": 0.3, "seed": int(_arg(argv, "--seed"))}) if tool == "probe"
+                           else f"init {_arg(argv, '--seed')}")
+        elif tool == "nnUNetv2_plan_experiment":
             pre.mkdir(parents=True, exist_ok=True)
             arch = {"n_stages": 4, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 3, "features_per_stage": [32, 64, 128, 256]}
             plans = {"plans_name": _arg(argv, "-overwrite_plans_name"), "configurations": {"3d_fullres": {
@@ -66,6 +76,7 @@ class FakeRunner:
                 "architecture": {"arch_kwargs": arch}}}}
             (pre / f"{_arg(argv, '-overwrite_plans_name')}.json").write_text(json.dumps(plans))
         elif tool == "alice_pretrain":
+            assert Path(_arg(argv, "--init-weights")).is_file()
             folder = Path(env["nnUNet_results"]) / DS / f"AlicePretrain__{_arg(argv, '-p')}__3d_fullres"
             folder.mkdir(parents=True)
             (folder / "checkpoint_final.pth").write_text(" ".join(argv))
@@ -120,20 +131,34 @@ def test_run_matrix_complete_and_one_csv_row_per_cell(fake_env):
     md = Path(b.out, "results.md").read_text()
     assert "| alice | 60.0 ± 0.0 (n=2)" in md and "+10.0" in md
 
-    # one pretraining per pretrained arm, with the arm's flags, each in its own results root
+    # one pretraining per pretrained arm and seed, with the arm's flags, each in its own results root, each
+    # starting from its seed's initial weights
     pre = [(argv, env) for argv, env in runner.calls if argv[0] == "alice_pretrain"]
-    assert len(pre) == 2
-    assert ["--objective", "mae"] == [a for a in pre[1][0] if a in ("--objective", "mae")]
-    assert pre[0][1]["nnUNet_results"] != pre[1][1]["nnUNet_results"]
-    # paired design: every method trains (labels, seed) on the same fold with the same seed and budget
+    assert len(pre) == 4
+    mae = [argv for argv, _ in pre if "mae" in argv]
+    assert len(mae) == 2 and all(["--objective", "mae"] == [a for a in argv if a in ("--objective", "mae")]
+                                 for argv in mae)
+    assert len({env["nnUNet_results"] for _, env in pre}) == 4
+    assert {(_arg(argv, "--seed"), _arg(argv, "--init-weights")) for argv, _ in pre} == {
+        (str(s), b.init_file(s)) for s in (0, 1)}
+    inits = [argv for argv, _ in runner.calls if tool_of(argv) == "init"]
+    assert sorted(_arg(argv, "--seed") for argv in inits) == ["0", "1"]
+    # paired design: every method trains (labels, seed) on the same fold with the same seed, budget and initial
+    # weights; scratch with nnU-Net's recipe, the pretrained arms with the pretrained recipe and their own seed's
+    # checkpoint
     trains = [(argv, env) for argv, env in runner.calls if argv[0] == "nnUNetv2_train"]
     assert len(trains) == 18
     by_fold = {}
     for argv, env in trains:
-        by_fold.setdefault(argv[3], set()).add((env["ALICE_BENCH_SEED"], env["ALICE_BENCH_EPOCHS"], argv[argv.index("-p") + 1]))
-        expected = "none" if env["nnUNet_results"].endswith("scratch") else b.checkpoint(
-            os.path.basename(env["nnUNet_results"]))
+        seed = int(env["ALICE_BENCH_SEED"])
+        by_fold.setdefault(argv[3], set()).add((seed, env["ALICE_BENCH_EPOCHS"], argv[argv.index("-p") + 1],
+                                                env["ALICE_BENCH_INIT"]))
+        method = os.path.basename(env["nnUNet_results"])
+        assert env["ALICE_BENCH_INIT"] == b.init_file(seed)
+        expected = "none" if method == "scratch" else b.checkpoint(method, seed)
         assert env["nnUNet_alice_pretrained"] == expected
+        assert env["ALICE_BENCH_RECIPE"] == ("nnunet" if method == "scratch" else "pretrained")
+        assert env["nnUNet_alice_load"] == "encoder"
     assert len(by_fold) == 6 and all(len(v) == 1 for v in by_fold.values())
     # splits: one per (labels, seed), labelled subsets of the right size, nested within a seed, test cases never in
     splits = json.loads(Path(b.pre_root, DS, "splits_final.json").read_text())
@@ -235,9 +260,11 @@ def test_every_command_is_printed_with_its_environment(fake_env):
                   echo=lines.append)
     b.run()
     cmds = [ln for ln in lines if ln.startswith("$ env ")]
-    assert len(cmds) == 6  # fingerprint, plan, preprocess, train, predict, evaluate
+    assert len(cmds) == 7  # fingerprint, plan, preprocess, initial weights, train, predict, evaluate
+    assert "nnunet_alice.tools.bench_steps init" in cmds[3] and "--seed 0" in cmds[3]
     train = next(ln for ln in cmds if "nnUNetv2_train" in ln)
     for part in ("nnUNet_alice_pretrained=none", "ALICE_BENCH_SEED=0", "ALICE_BENCH_EPOCHS=1", "nnUNet_n_proc_DA=0",
+                 "ALICE_BENCH_RECIPE=nnunet", f"ALICE_BENCH_INIT={b.init_file(0)}",
                  "OMP_WAIT_POLICY=PASSIVE",
                  f"nnUNet_preprocessed={b.pre_root}", f"nnUNet_extTrainer={b.out}/trainers",
                  "-tr nnUNetTrainerAlice_bench"):
@@ -252,12 +279,12 @@ def test_missing_dataset_and_bad_input():
         get_budget("huge")
     with pytest.raises(AliceError, match="unknown method"):
         parse_method("alice_typo")
-    assert parse_method("lr3=--lr 3e-4 --no-casa") == ("lr3", ["--lr", "3e-4", "--no-casa"])
+    assert parse_method("lr3=--lr 3e-4 --no-casa") == ("lr3", Arm(pretrain=["--lr", "3e-4", "--no-casa"]))
     with pytest.raises(AliceError, match="'all'"):
         resolve_label_counts(["one"], 4)
     assert resolve_label_counts(["all", "1", "16", "2"], 8) == [1, 2, 8]
     assert labelled_subset(list("abcdef"), 3, 7) == labelled_subset(list("fedcba"), 3, 7)
-    assert set(BUDGETS) == {"tiny", "small", "medium", "large"}
+    assert set(BUDGETS) == {"tiny", "small", "medium", "long", "gpu15", "large"}
 
 
 def test_missing_dataset_without_demo(tmp_path, monkeypatch):
@@ -282,6 +309,100 @@ def test_report_aggregates_mean_and_sd():
     agg = bench_report.aggregate(rows)["scratch"][1]
     assert agg["n"] == 2 and agg["failed"] == 1
     assert agg["mean"] == pytest.approx(0.5) and agg["sd"] == pytest.approx(0.1414, abs=1e-3)
+
+
+def test_controls_share_initial_weights_and_pretraining(fake_env):
+    """scratch_recipe and init0 (controls) and alice_all (load scope all) reuse what the other arms made."""
+    runner = FakeRunner()
+    b = bench(runner, methods=("scratch", "scratch_recipe", "init0", "alice", "alice_all"), labels=("1",),
+              seeds=(0, 1, 2))
+    rows = b.run()
+    assert len(rows) == 15 and all(r["status"] == "ok" for r in rows)
+    pre = [argv for argv, _ in runner.calls if argv[0] == "alice_pretrain"]
+    assert sorted(_arg(argv, "--seed") for argv in pre) == ["0", "1", "2"]  # alice only; alice_all shares it
+    trains = {(os.path.basename(env["nnUNet_results"]), int(env["ALICE_BENCH_SEED"])): env
+              for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
+    for seed in (0, 1, 2):
+        env = {m: trains[(m, seed)] for m in ("scratch", "scratch_recipe", "init0", "alice", "alice_all")}
+        assert len({e["ALICE_BENCH_INIT"] for e in env.values()}) == 1
+        assert env["scratch_recipe"]["nnUNet_alice_pretrained"] == "none"
+        assert env["scratch_recipe"]["ALICE_BENCH_RECIPE"] == "pretrained"
+        assert env["init0"]["nnUNet_alice_pretrained"] == b.init_file(seed)
+        assert env["alice_all"]["nnUNet_alice_pretrained"] == env["alice"]["nnUNet_alice_pretrained"] == \
+            b.checkpoint("alice", seed)
+        assert (env["alice_all"]["nnUNet_alice_load"], env["alice"]["nnUNet_alice_load"]) == ("all", "encoder")
+    assert {r["recipe"] for r in rows if r["method"] == "scratch"} == {"nnunet"}
+    assert METHODS["alice_sawtooth"].schedule == "sawtooth" and METHODS["alice_sawtooth"].shares == "alice"
+
+
+def test_one_pretraining_per_arm_when_the_budget_says_so(fake_env):
+    runner = FakeRunner()
+    budget = get_budget("tiny", labels=["1"], seeds=[0, 1, 2], pretrain_per_seed=False)
+    b = Benchmark("993", budget, methods=["scratch", "alice"], runner=runner, echo=lambda s: None)
+    b.run()
+    assert [_arg(argv, "--seed") for argv, _ in runner.calls if argv[0] == "alice_pretrain"] == ["0"]
+    assert [_arg(argv, "--seed") for argv, _ in runner.calls if tool_of(argv) == "init"] == ["0"]
+    inits = {env["ALICE_BENCH_INIT"] for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
+    assert inits == {b.init_file(0)}
+    assert "once per arm, from the initial weights of seed 0" in Path(b.out, "results.md").read_text()
+
+
+def test_probe_column(fake_env, monkeypatch):
+    import nnunet_alice.tools.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "probe_available", lambda: True)
+    runner = FakeRunner()
+    b = bench(runner, methods=("scratch", "init0", "alice", "alice_all"), labels=("1",), seeds=(0,), probe=True)
+    rows = b.run()
+    probes = [argv for argv, _ in runner.calls if tool_of(argv) == "probe"]
+    # one probe per starting checkpoint: alice and alice_all share one, init0 probes the initial weights
+    assert sorted(_arg(argv, "--checkpoint") for argv in probes) == sorted([b.checkpoint("alice", 0), b.init_file(0)])
+    got = {r["method"]: r.get("probe_dice") for r in rows}
+    assert got["scratch"] is None and got["alice"] == got["alice_all"] == got["init0"] == 0.3
+    assert "Linear probe" in Path(b.out, "results.md").read_text()
+    table = {r["method"]: r["probe_dice"] for r in read_csv(os.path.join(b.out, "results.csv"))}
+    assert table["scratch"] == "" and table["alice"] == "0.3000"
+
+
+def test_a_folder_of_the_previous_protocol_is_not_resumed(fake_env):
+    b = bench(FakeRunner(), methods=("scratch",), labels=("1",), seeds=(0,))
+    state = Path(b.out, "state", "budget.json")
+    state.parent.mkdir(parents=True)
+    current = {k: getattr(b.budget, k) for k in ("pretrain_steps", "epochs", "iterations", "val_iterations", "device",
+                                                  "gpu_memory_target", "patch_size", "features", "step_size",
+                                                  "pretrain_batch", "pretrain_args")}
+    state.write_text(json.dumps(current))  # written before init matching existed
+    with pytest.raises(AliceError, match="protocol: None -> 2"):
+        b.run()
+
+
+def test_confidence_interval_on_a_fixed_table():
+    # t(0.975, df) from the standard table: 12.706 (df 1), 4.303 (df 2), 2.776 (df 4)
+    assert bench_report.t_quantile(1) == pytest.approx(12.706, abs=1e-3)
+    assert bench_report.t_quantile(2) == pytest.approx(4.303, abs=1e-3)
+    assert bench_report.t_quantile(4) == pytest.approx(2.776, abs=1e-3)
+    mean, half, n = bench_report.paired_ci([1.0, 2.0, 6.0])  # mean 3, sd sqrt(7)
+    assert (mean, n) == (3.0, 3) and half == pytest.approx(4.303 * 7 ** 0.5 / 3 ** 0.5, rel=1e-3)
+    assert bench_report.paired_ci([2.5])[1] != bench_report.paired_ci([2.5])[1]  # nan: no interval from one seed
+    table = [(0, 0.70, 0.71), (1, 0.60, 0.62), (2, 0.65, 0.71)]  # (seed, scratch, alice) at 1 label
+    rows = [{"method": m, "labels": 1, "seed": s, "status": "ok", "dice": d}
+            for s, a, c in table for m, d in (("scratch", a), ("alice", c))]
+    rows.append({"method": "alice", "labels": 1, "seed": 3, "status": "ok", "dice": 0.9})  # no scratch partner
+    diffs = bench_report.paired_differences(rows)
+    assert diffs["alice"][1] == pytest.approx([1.0, 2.0, 6.0])
+    assert "+3.0 [-3.6, +9.6] (n=3)" in bench_report.markdown_table(rows)
+
+
+def test_budget_check_warns_when_labels_do_not_matter():
+    def rows_for(low, high):
+        return [{"method": "scratch", "labels": n, "seed": s, "status": "ok", "dice": d}
+                for s in (0, 1, 2) for n, d in ((1, low), (8, high))]
+
+    flat = bench_report.warnings(rows_for(0.738, 0.742))
+    assert len(flat) == 1 and "measures convergence speed" in flat[0] and "73.8" in flat[0] and "74.2" in flat[0]
+    assert "measures convergence speed" in bench_report.markdown_table(rows_for(0.738, 0.742))
+    assert bench_report.warnings(rows_for(0.70, 0.75)) == []
+    assert bench_report.warnings(rows_for(0.70, 0.75)[:3]) == []  # one label count: nothing to compare
 
 
 @pytest.mark.slow

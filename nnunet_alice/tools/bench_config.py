@@ -1,9 +1,10 @@
 """Budgets, methods and the run matrix of ``alice_benchmark``.
 
-A *cell* is one (method, number of labelled cases, seed) fine-tuning run. All methods of one (labels, seed) share
-the same nnU-Net fold (the same labelled subset, the same validation cases, the same trainer seed); only the
-initial weights differ. The fold index of a (labels, seed) pair is assigned once and stored, so adding label
-counts or seeds later never renames finished cells.
+A *cell* is one (method, number of labelled cases, seed) fine-tuning run. All arms of one (labels, seed) share
+the same nnU-Net fold (the same labelled subset, the same validation cases), the same trainer seed and the same
+initial weights (the seed's draw, which pretraining starts from too); they differ only in pretraining and recipe.
+The fold index of a (labels, seed) pair is assigned once and stored, so adding label counts or seeds later never
+renames finished cells.
 """
 from __future__ import annotations
 
@@ -17,19 +18,56 @@ import numpy as np
 from nnunet_alice.errors import AliceError
 
 TRAINER = "nnUNetTrainerAlice_bench"
+#: schedule -> harness trainer class (``nnunet_alice.tools.bench_trainers``)
+BENCH_TRAINERS = {"default": TRAINER, "sawtooth": "nnUNetTrainerAlice_sawtooth_bench"}
 CONFIGURATION = "3d_fullres"
+#: version of the comparison protocol; a benchmark folder made under another one is not resumed
+PROTOCOL = 2
 
-#: method name -> extra ``alice_pretrain`` flags; ``None`` = no pretraining (nnUNet_alice_pretrained=none).
-METHODS: Dict[str, Optional[List[str]]] = {
-    "scratch": None,
-    "alice": [],
-    "mae": ["--objective", "mae"],
-    "alice_nocasa": ["--no-casa"],
-    "alice_nocls": ["--no-cls"],
-    "alice_norecon": ["--no-recon"],
-    "alice_dinotemp": ["--teacher-temp", "0.07", "--warmup-teacher-temp", "0.04"],
-    "alice_registration": ["--matcher", "registration"],
-    "alice_embedding": ["--matcher", "embedding"],
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of the comparison.
+
+    ``pretrain``: ``alice_pretrain`` flags (``None``: no pretraining); ``shares``: reuse the pretraining of that
+    arm instead of running its own; ``start``: what the fine-tuning loads on top of the seed's initial weights
+    (``pretrained``: the arm's checkpoint, ``init``: the initial weights file itself, i.e. zero pretraining
+    steps through the same loading path, ``none``: nothing); ``recipe``: ``pretrained`` (peak 1e-3,
+    per-iteration warm-up, poly) or ``nnunet`` (nnU-Net's own schedule, SGD 1e-2); ``load_scope``: ``encoder``
+    or ``all``; ``schedule``: ``default`` or ``sawtooth``.
+    """
+
+    pretrain: Optional[List[str]] = None
+    shares: Optional[str] = None
+    start: str = "pretrained"
+    recipe: str = "pretrained"
+    load_scope: str = "encoder"
+    schedule: str = "default"
+
+    @property
+    def pretrained(self) -> bool:
+        return self.start == "pretrained"
+
+
+def _pre(*flags: str, **kw) -> Arm:
+    return Arm(pretrain=list(flags), **kw)
+
+
+METHODS: Dict[str, Arm] = {
+    "scratch": Arm(start="none", recipe="nnunet"),         # nnU-Net as it is: its own schedule, same budget
+    "scratch_recipe": Arm(start="none"),                   # control: scratch with the pretrained recipe
+    "init0": Arm(start="init"),                            # the initial weights, zero pretraining, same recipe
+    "alice": _pre(),
+    "alice_all": _pre(shares="alice", load_scope="all"),   # the alice checkpoint, encoder + decoder loaded
+    "alice_sawtooth": _pre(shares="alice", schedule="sawtooth"),
+    "mae": _pre("--objective", "mae"),
+    "mae_all": _pre(shares="mae", load_scope="all"),
+    "alice_nocasa": _pre("--no-casa"),
+    "alice_nocls": _pre("--no-cls"),
+    "alice_norecon": _pre("--no-recon"),
+    "alice_dinotemp": _pre("--teacher-temp", "0.07", "--warmup-teacher-temp", "0.04"),
+    "alice_registration": _pre("--matcher", "registration"),
+    "alice_embedding": _pre("--matcher", "embedding"),
 }
 
 
@@ -50,26 +88,39 @@ class Budget:
     step_size: float = 0.5                     # nnUNetv2_predict -step_size (sliding-window overlap)
     pretrain_batch: Optional[int] = None       # None: the plan's batch size
     pretrain_args: List[str] = field(default_factory=list)
+    pretrain_per_seed: bool = True             # False: one pretraining per arm, every cell from the first seed's draw
     note: str = ""
 
 
+_SMALL_HEADS = ["--head-hidden-dim", "64", "--head-bottleneck-dim", "32", "--head-out-dim", "64"]
 BUDGETS: Dict[str, Budget] = {
     "tiny": Budget("tiny", pretrain_steps=2, epochs=1, iterations=2, val_iterations=1, labels=["1", "all"],
-                   seeds=[0, 1], methods=["scratch", "alice"], patch_size=[32, 32, 32], features=[8, 32],
-                   step_size=1.0,
-                   pretrain_args=["--head-hidden-dim", "64", "--head-bottleneck-dim", "32", "--head-out-dim", "64"],
+                   seeds=[0, 1, 2], methods=["scratch", "alice"], patch_size=[32, 32, 32], features=[8, 32],
+                   step_size=1.0, pretrain_args=list(_SMALL_HEADS),
                    note="smoke test: checks the plumbing, the numbers mean nothing"),
     "small": Budget("small", pretrain_steps=40, epochs=5, iterations=8, val_iterations=1, labels=["1", "all"],
                     seeds=[0, 1], methods=["scratch", "alice"], patch_size=[48, 48, 48], features=[8, 64],
-                    step_size=1.0, note="README demo: <= 20 min on 2 CPU cores, end to end"),
+                    step_size=1.0, pretrain_per_seed=False,
+                    note="README demo: about 20 min on 2 CPU cores; two seeds, so the intervals are very wide"),
     "medium": Budget("medium", pretrain_steps=100, epochs=8, iterations=10, val_iterations=1,
-                     labels=["1", "all"], seeds=[0, 1], methods=["scratch", "alice", "mae"],
+                     labels=["1", "all"], seeds=[0, 1, 2], methods=["scratch", "init0", "alice", "mae"],
                      patch_size=[48, 48, 48], features=[8, 64], step_size=0.75,
-                     note="about 1.5 h on 2 busy CPU cores"),
+                     note="about 2.5 h on 2 busy CPU cores (estimated)"),
+    "long": Budget("long", pretrain_steps=3000, epochs=40, iterations=25, val_iterations=2,
+                   labels=["1", "2", "all"], seeds=[0, 1, 2],
+                   methods=["scratch", "init0", "mae", "alice", "alice_all"], patch_size=[32, 32, 32],
+                   features=[8, 64], step_size=1.0, pretrain_per_seed=False,
+                   note="2-core CPU, several hours (estimated): 3000 pretraining steps per arm (one pretraining "
+                        "per arm, from seed 0's draw), 1000 fine-tuning iterations per cell"),
+    "gpu15": Budget("gpu15", pretrain_steps=2000, epochs=12, iterations=50, val_iterations=2,
+                    labels=["1", "all"], seeds=[0, 1, 2], methods=["scratch", "alice"], device="cuda",
+                    gpu_memory_target=None, patch_size=[64, 64, 64], step_size=1.0, pretrain_per_seed=False,
+                    note="one H100/H200, about 10 min end to end (estimated, not measured)"),
     "large": Budget("large", pretrain_steps=25000, epochs=250, iterations=250, val_iterations=50,
                     labels=["1", "2", "4", "all"], seeds=[0, 1, 2],
-                    methods=["scratch", "alice", "mae", "alice_nocasa", "alice_dinotemp"], device="cuda",
-                    gpu_memory_target=None, note="GPU (one >= 24 GB card): nnU-Net's own plan, hours per method"),
+                    methods=["scratch", "init0", "alice", "alice_all", "mae", "alice_nocasa", "alice_dinotemp"],
+                    device="cuda", gpu_memory_target=None,
+                    note="GPU (one >= 24 GB card): nnU-Net's own plan, hours per method"),
 }
 
 
@@ -80,7 +131,7 @@ def get_budget(name: str, **overrides) -> Budget:
 
 
 def parse_method(spec: str) -> tuple:
-    """``NAME`` (a known method) or ``NAME=FLAGS`` (a custom pretraining arm, flags for alice_pretrain)."""
+    """``NAME`` (a known arm) or ``NAME=FLAGS`` (a custom pretrained arm, flags for alice_pretrain)."""
     import shlex
 
     if "=" in spec:
@@ -88,11 +139,20 @@ def parse_method(spec: str) -> tuple:
         name = name.strip()
         if not name or not all(c.isalnum() or c in "_-" for c in name):
             raise AliceError(f"--methods: bad method name {name!r} (letters, digits, '_' or '-')")
-        return name, shlex.split(flags)
+        return name, Arm(pretrain=shlex.split(flags))
     if spec not in METHODS:
         raise AliceError(f"--methods: unknown method {spec!r}: known {', '.join(METHODS)} "
                          "(or NAME='alice_pretrain flags' for a custom arm)")
     return spec, METHODS[spec]
+
+
+def resolve_arms(specs: List[str]) -> Dict[str, Arm]:
+    """Arms by name; an arm that shares another's pretraining brings that arm's pretraining along."""
+    arms = dict(parse_method(m) for m in specs)
+    for name, arm in arms.items():
+        if arm.shares and arm.shares not in arms and arm.shares not in METHODS:
+            raise AliceError(f"--methods: {name} shares the pretraining of unknown arm {arm.shares!r}")
+    return arms
 
 
 def resolve_label_counts(labels: List[str], available: int) -> List[int]:
@@ -203,12 +263,12 @@ def link_holdout(raw: str, ending: str, train_cases: List[str], k: int, folder: 
 
 #: Budget fields that change what a finished cell means; labels, seeds and methods may change between runs.
 RESULT_FIELDS = ("pretrain_steps", "epochs", "iterations", "val_iterations", "device", "gpu_memory_target",
-                 "patch_size", "features", "step_size", "pretrain_batch", "pretrain_args")
+                 "patch_size", "features", "step_size", "pretrain_batch", "pretrain_args", "pretrain_per_seed")
 
 
 def check_budget(path: str, budget: Budget) -> None:
     """Record the budget's result-defining settings in ``path``; refuse to resume a folder made with others."""
-    current = {k: getattr(budget, k) for k in RESULT_FIELDS}
+    current = {"protocol": PROTOCOL, **{k: getattr(budget, k) for k in RESULT_FIELDS}}
     if os.path.isfile(path):
         with open(path) as f:
             stored = json.load(f)

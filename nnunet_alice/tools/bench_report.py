@@ -1,4 +1,8 @@
-"""``alice_benchmark`` outputs: ``results.csv`` (one row per cell), ``results.md`` and ``results_dice.png``."""
+"""``alice_benchmark`` outputs: ``results.csv`` (one row per cell), ``results.md`` and ``results_dice.png``.
+
+Paired differences to scratch are per seed (same labelled subset, same initial weights, same trainer seed); their
+95 % confidence interval is the t interval over seeds, mean ± t(0.975, n-1) · sd / sqrt(n).
+"""
 from __future__ import annotations
 
 import csv
@@ -10,8 +14,11 @@ from typing import Dict, List
 
 import numpy as np
 
-CSV_COLUMNS = ["method", "labels", "seed", "fold", "status", "dice", "per_class_dice", "wall_s", "train_s",
-               "predict_s", "eval_s", "pretrain_s", "num_test", "error"]
+CSV_COLUMNS = ["method", "labels", "seed", "fold", "status", "dice", "per_class_dice", "probe_dice", "recipe",
+               "load_scope", "schedule", "init_seed", "wall_s", "train_s", "predict_s", "eval_s", "pretrain_s",
+               "num_test", "error"]
+BASELINE = "scratch"
+CONVERGENCE_MARGIN = 0.02  # 2 Dice points
 
 
 def collect(out: str) -> List[dict]:
@@ -84,30 +91,103 @@ def markdown_table(rows: List[dict]) -> str:
                 text += f", {c['failed']} failed"
             cells.append(text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    if "scratch" in agg and len(agg) > 1:
-        lines += ["", "Paired difference to scratch (same labelled subset and seed), Dice points, mean ± sd:", "",
+    diffs = paired_differences(rows)
+    if diffs:
+        lines += ["", f"Paired difference to {BASELINE} (same labelled subset, initial weights and seed), Dice points: "
+                      "mean [95 % CI over seeds] (n seeds):", "",
                   "| method | " + " | ".join(f"{n} labelled" for n in counts) + " |", "|---|" + "---|" * len(counts)]
-        ok = {(r["method"], int(r["labels"]), int(r["seed"])): float(r["dice"]) for r in rows if r.get("status") == "ok"}
-        for method in agg:
-            if method == "scratch":
-                continue
+        for method, per in diffs.items():
             cells = []
             for n in counts:
-                d = [100 * (v - ok[("scratch", n, s)]) for (m, k, s), v in ok.items()
-                     if m == method and k == n and ("scratch", n, s) in ok]
-                cells.append(f"{np.mean(d):+.1f} ± {np.std(d, ddof=1) if len(d) > 1 else 0:.1f}" if d else "")
+                d = per.get(n)
+                if not d:
+                    cells.append("")
+                    continue
+                mean, half, k = paired_ci(d)
+                cells.append(f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] (n={k})" if k > 1
+                             else f"{mean:+.1f} (n=1)")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    probes = {(r["method"], int(r["labels"])): [] for r in rows if _finite(r.get("probe_dice"))}
+    if probes:
+        for r in rows:
+            if _finite(r.get("probe_dice")):
+                probes[(r["method"], int(r["labels"]))].append(100 * float(r["probe_dice"]))
+        lines += ["", "Linear probe of the starting checkpoint (frozen network, linear head), mean Dice × 100:", "",
+                  "| method | " + " | ".join(f"{n} labelled" for n in counts) + " |", "|---|" + "---|" * len(counts)]
+        for method in dict.fromkeys(m for m, _ in probes):
+            lines.append(f"| {method} | " + " | ".join(
+                f"{np.mean(probes[(method, n)]):.1f} (n={len(probes[(method, n)])})" if (method, n) in probes else ""
+                for n in counts) + " |")
+    notes = warnings(rows)
+    if notes:
+        lines += [""] + [f"**Warning:** {w}" for w in notes]
     return "\n".join(lines)
+
+
+def _finite(v) -> bool:
+    try:
+        return v is not None and math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def t_quantile(df: int, level: float = 0.95) -> float:
+    """Two-sided Student-t quantile t((1 + level) / 2, df)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + level / 2, df))
+
+
+def paired_ci(diffs, level: float = 0.95):
+    """``(mean, half width, n)`` of the t confidence interval of the mean of ``diffs`` (half width nan for n < 2)."""
+    d = np.asarray(list(diffs), dtype=float)
+    n = len(d)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    if n == 1:
+        return float(d[0]), float("nan"), 1
+    return float(d.mean()), t_quantile(n - 1, level) * float(d.std(ddof=1)) / math.sqrt(n), n
+
+
+def paired_differences(rows: List[dict], baseline: str = BASELINE) -> Dict[str, Dict[int, List[float]]]:
+    """method -> labels -> [Dice points (method - baseline), one per seed where both cells are ok]."""
+    ok = {(r["method"], int(r["labels"]), int(r["seed"])): 100 * float(r["dice"]) for r in rows
+          if r.get("status") == "ok"}
+    out: Dict[str, Dict[int, List[float]]] = {}
+    for (m, n, s), v in ok.items():  # methods in the order of the rows, seeds in the order of the rows
+        if m != baseline and (baseline, n, s) in ok:
+            out.setdefault(m, {}).setdefault(n, []).append(v - ok[(baseline, n, s)])
+    return out
+
+
+def warnings(rows: List[dict], baseline: str = BASELINE, margin: float = CONVERGENCE_MARGIN) -> List[str]:
+    """The budget check: scratch with the fewest labels within ``margin`` of scratch with the most labels."""
+    per = aggregate([r for r in rows if r["method"] == baseline]).get(baseline, {})
+    counts = [n for n in sorted(per) if per[n]["n"]]
+    if len(counts) < 2:
+        return []
+    low, high = per[counts[0]]["mean"], per[counts[-1]]["mean"]
+    if high - low >= margin:
+        return []
+    return [f"{baseline} with {counts[0]} labelled case(s) ({100 * low:.1f}) is within {100 * margin:.0f} Dice of "
+            f"{baseline} with {counts[-1]} ({100 * high:.1f}): this budget measures convergence speed, not label "
+            f"efficiency; train longer (--epochs/--iterations)"]
 
 
 def write_markdown(path: str, rows: List[dict], budget, dataset: str) -> None:
     b = budget
+    per_seed = getattr(b, "pretrain_per_seed", True)
     text = [f"# alice_benchmark: {dataset}, budget `{b.name}`", "",
             f"Mean foreground Dice on the held-out test cases (nnU-Net's evaluation), × 100, mean ± sd over seeds "
             f"{list(b.seeds)}.", "", markdown_table(rows), "",
-            f"Budget: pretraining {b.pretrain_steps} steps; fine-tuning {b.epochs} epochs × {b.iterations} iterations "
-            f"({b.val_iterations} val iterations), device {b.device}"
-            + (f", patch {b.patch_size}" if b.patch_size else "") + ".",
+            f"Budget: pretraining {b.pretrain_steps} steps "
+            + ("per arm and seed, each from that seed's initial weights" if per_seed else
+               "once per arm, from the initial weights of seed 0, which every cell starts from (the seeds vary the "
+               "labelled subset and the sampling, not the initial draw)")
+            + f"; fine-tuning {b.epochs} epochs × {b.iterations} iterations ({b.val_iterations} val iterations), "
+              f"device {b.device}" + (f", patch {b.patch_size}" if b.patch_size else "") + ".",
+            "Recipes: `scratch` = nnU-Net's own schedule (SGD 1e-2, poly per epoch); the other arms = the recipe "
+            "for pretrained weights (SGD peak 1e-3, per-iteration linear warm-up, poly).",
             f"Cells: {sum(r.get('status') == 'ok' for r in rows)} ok, "
             f"{sum(r.get('status') != 'ok' for r in rows)} failed (see results.csv).", ""]
     with open(path + ".tmp", "w") as f:
@@ -152,7 +232,7 @@ def write_all(out: str, rows: List[dict], budget, dataset: str, plot: bool = Tru
     write_csv(os.path.join(out, "results.csv"), rows)
     write_markdown(os.path.join(out, "results.md"), rows, budget, dataset)
     if plot:
-            write_plot(os.path.join(out, "results_dice.png"), rows,
+        write_plot(os.path.join(out, "results_dice.png"), rows,
                    f"{dataset}, budget {budget.name} (mean ± sd over {len(budget.seeds)} seeds)")
 
 

@@ -1,4 +1,4 @@
-"""Find the Alice checkpoint for a trainer and load it into nnU-Net's network (encoder + decoder, strictly).
+"""Find the Alice checkpoint for a trainer and load it into nnU-Net's network (encoder, or encoder + decoder).
 
 Which checkpoint (first match wins):
 1. environment variable ``nnUNet_alice_pretrained``: a file path, or ``none`` to train from scratch with the
@@ -6,6 +6,11 @@ Which checkpoint (first match wins):
 2. a top-level plans entry ``"alice_pretrained_checkpoint"`` (e.g. a checkpoint pretrained on another
    dataset with the same plans);
 3. the convention ``$nnUNet_results/<Dataset>/AlicePretrain__<plans>__<configuration>/checkpoint_final.pth``.
+
+What is loaded (the *load scope*): ``encoder`` = the stem and the encoder, as nnU-Net's trainer for pretrained
+weights does (https://github.com/MIC-DKFZ/nnUNet/blob/master/nnunetv2/training/nnUNetTrainer/pretraining/
+pretrainedTrainer.py, "the decoder is initialized from scratch"); ``all`` = encoder and decoder. The
+segmentation layers are never loaded.
 """
 from __future__ import annotations
 
@@ -19,6 +24,20 @@ from nnunet_alice.errors import AliceError
 
 ENV_VAR = "nnUNet_alice_pretrained"
 PLANS_KEY = "alice_pretrained_checkpoint"
+#: state-dict prefixes of the stem + encoder in dynamic-network-architectures U-Nets (the decoder holds the
+#: encoder as ``decoder.encoder``: the same tensors under a second name)
+ENCODER_PREFIXES = ("encoder.", "decoder.encoder.")
+
+
+def in_load_scope(key: str, scope: str) -> bool:
+    """Whether a state-dict key is loaded under ``scope`` (``encoder`` or ``all``); never a segmentation layer."""
+    if SEG_LAYER_TAG in key:
+        return False
+    if scope == "all":
+        return True
+    if scope == "encoder":
+        return key.startswith(ENCODER_PREFIXES)
+    raise AliceError(f"unknown load scope {scope!r} (encoder or all)")
 
 
 def convention_path(dataset_name: str, plans_name: str, configuration: str) -> str:
@@ -43,8 +62,12 @@ def find_pretrained_checkpoint(plans: dict, configuration: str) -> Optional[str]
 
 def load_pretrained_into(network: torch.nn.Module, path: str, network_class_name: str, arch_kwargs: dict,
                          num_input_channels: int, log: Callable[[str], None] = print,
-                         adapt_input_channels: bool = False, checkpoint: Optional[dict] = None) -> int:
-    """Check compatibility, then copy every non-segmentation tensor. Returns the number of tensors loaded.
+                         adapt_input_channels: bool = False, checkpoint: Optional[dict] = None,
+                         scope: str = "all") -> int:
+    """Check compatibility, then copy the tensors of ``scope`` (see :func:`in_load_scope`). Returns their number.
+
+    The whole non-segmentation part of the checkpoint must fit the network (also under scope ``encoder``), so a
+    checkpoint of another architecture is refused whatever is loaded.
 
     ``adapt_input_channels``: a 1-channel checkpoint may be loaded into a network with more input channels; the
     first convolution (the network's ``keys_to_in_proj``) is repeated over the channels and scaled by 1/n. Every
@@ -79,9 +102,9 @@ def load_pretrained_into(network: torch.nn.Module, path: str, network_class_name
     if missing or unexpected or shapes:
         diffs = [f"missing {k}" for k in missing] + [f"unexpected {k}" for k in unexpected] + shapes
         raise AliceError(f"{path}: weights do not fit the network: {summarize(diffs)}")
-    weights = {k: v for k, v in source.items() if SEG_LAYER_TAG not in k}
+    weights = {k: v for k, v in source.items() if in_load_scope(k, scope)}
     result = net.load_state_dict(weights, strict=False)
-    not_loaded = [k for k in result.missing_keys if SEG_LAYER_TAG not in k]
+    not_loaded = [k for k in result.missing_keys if in_load_scope(k, scope)]
     if not_loaded or result.unexpected_keys:
         raise AliceError(f"{path}: load left {summarize(not_loaded + list(result.unexpected_keys))}")
     if adapted:
@@ -89,8 +112,9 @@ def load_pretrained_into(network: torch.nn.Module, path: str, network_class_name
         log(f"Alice: input channels adapted {src_ch} -> {n}: the first convolution ({adapted[0]}"
             f"{f' and {len(adapted) - 1} alias(es)' if len(adapted) > 1 else ''}) was repeated over the {n} "
             f"channels and scaled by 1/{n} (nnssl-style); all other tensors are loaded unchanged")
-    log(f"Alice: loaded {len(weights)} of {len(target)} tensors (segmentation layers stay freshly initialised) "
-        f"from {path} (sha256 {sha256_of_file(path)})")
+    kept = "segmentation layers" if scope == "all" else "decoder and segmentation layers"
+    log(f"Alice: loaded {len(weights)} of {len(target)} tensors (load scope {scope}; {kept} keep their "
+        f"initial weights) from {path} (sha256 {sha256_of_file(path)})")
     if meta is not None:
         log(f"Alice: checkpoint pretrained with objective {meta.get('objective')} for {meta.get('step')} steps on "
             f"{meta.get('num_cases')} cases of {meta.get('dataset_name')}")

@@ -1,36 +1,37 @@
-"""Fine-tuning schedules beyond the default warm-up (docs/finetuning.md says when to use which).
+"""Fine-tuning schedules beyond the default recipe (docs/finetuning.md says when to use which). All of them set
+the learning rate every iteration (``nnunet_alice.trainers.recipe``), with ``W`` the recipe's warm-up length in
+iterations and ``T`` all training iterations:
 
+* ``nnUNetTrainerAlice_sawtooth``: decoder-only warm-up and decoder-only training (encoder frozen) for the first
+  ``D = min(W, T/2)`` iterations (warm-up over the first half of them, poly decay to 0 over the second), then
+  the whole network warms up again over ``min(W, T - D)`` iterations and decays (poly) to the end. The
+  "sawtooth" schedule of the OpenMind benchmark (Wald et al. 2025, arXiv 2412.17041; TaWald/nnUNet branch
+  ``nnssl_finetuning_inclusion``, ``pretraining/sawtooth_trainer.py``), best for CNNs there.
 * ``nnUNetTrainerAlice_frozenEncoder``: the encoder (including the stem) is frozen for the first
-  ``freeze_encoder_epochs`` epochs (default: the warm-up length, 5 % of the epochs, at most 50) while the
-  decoder and segmentation layers warm up; then it is unfrozen and its learning rate ramps up linearly over
-  ``unfreeze_ramp_epochs`` epochs (default: the warm-up length again).
+  ``freeze_encoder_iterations`` iterations (default ``W``) while decoder and segmentation layers follow the
+  recipe; then it is unfrozen and its learning rate ramps up linearly to the decoder's over
+  ``unfreeze_ramp_iterations`` (default ``W``).
 * ``nnUNetTrainerAlice_encLR``: the encoder always trains at ``encoder_lr_factor`` (0.1) times the decoder's
-  learning rate, warm-up and poly decay included.
+  learning rate.
 
-Both keep **all** parameters in one SGD optimizer with two parameter groups (group 0: decoder and segmentation
-layers, group 1: encoder) and scale group 1's learning rate after nnU-Net's scheduler has set the rate of every
-group. Freezing is a learning rate of exactly 0 (SGD then changes nothing, weight decay included), not
-``requires_grad=False``: the parameter set never changes, so DDP, ``torch.compile``, nnUNetTrainer_warmup's
-optimizer re-creation at epoch 0 and at the warm-up switch, and ``--c`` all work unchanged. Momentum
-accumulated while frozen is discarded when the encoder is unfrozen.
+All keep every parameter in one SGD optimizer with two parameter groups (group 0: decoder and segmentation
+layers, the one nnU-Net logs; group 1: stem + encoder) for the whole run, so ``--c`` restores them unchanged.
+A group at learning rate 0 is frozen (``nnUNetTrainerAlice.on_lr_change``: ``requires_grad=False`` outside
+DDP, momentum dropped when it is unfrozen).
 """
 from __future__ import annotations
 
 import torch
-from nnunetv2.training.lr_scheduler.warmup import Lin_incr_LRScheduler, PolyLRScheduler_offset
-from nnunetv2.utilities.helpers import empty_cache
 
 from nnunet_alice.pretrain.model import unwrap
 from nnunet_alice.trainers.alice import nnUNetTrainerAlice, nnUNetTrainerAlice_tiny
+from nnunet_alice.trainers.recipe import warmup_poly
 
 ENCODER, DECODER = "encoder", "decoder"
 
 
 class _EncoderGroupsMixin:
-    """Two parameter groups (decoder first, then encoder) and a per-epoch encoder learning-rate scale."""
-
-    def encoder_lr_scale(self, epoch: int) -> float:
-        return 1.0
+    """Two parameter groups: decoder (+ segmentation layers) first, then stem + encoder."""
 
     def parameter_groups(self):
         net = unwrap(self.network)
@@ -39,40 +40,24 @@ class _EncoderGroupsMixin:
         return [{"params": [p for p in params if id(p) not in encoder_ids], "alice_group": DECODER},
                 {"params": [p for p in params if id(p) in encoder_ids], "alice_group": ENCODER}]
 
-    def configure_optimizers(self, stage: str = "warmup_all"):
-        """nnUNetTrainer_warmup.configure_optimizers with :meth:`parameter_groups` instead of one group."""
-        assert stage in ("warmup_all", "train")
-        if self.training_stage == stage:
-            return self.optimizer, self.lr_scheduler
-        if stage == "train" and self.training_stage == "warmup_all":
-            optimizer = self.optimizer  # keep the momentum of the warm-up, as nnUNetTrainer_warmup does
-        else:
-            optimizer = torch.optim.SGD(self.parameter_groups(), self.initial_lr, weight_decay=self.weight_decay,
-                                        momentum=0.99, nesterov=True)
-        if stage == "warmup_all":
-            scheduler = Lin_incr_LRScheduler(optimizer, self.initial_lr, self.warmup_duration_whole_net)
-        else:
-            scheduler = PolyLRScheduler_offset(optimizer, self.initial_lr, self.num_epochs,
-                                               self.warmup_duration_whole_net)
-        self.print_to_log_file(f"Alice: {stage} optimizer with encoder/decoder parameter groups at epoch "
-                               f"{self.current_epoch}")
-        self.training_stage = stage
-        empty_cache(self.device)
-        return optimizer, scheduler
 
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()  # warm-up trainer: optimizer re-creation, then scheduler.step(epoch)
-        self.apply_encoder_lr()
+class _SawtoothMixin(_EncoderGroupsMixin):
+    def sawtooth_lengths(self):
+        """``(decoder stage D, decoder warm-up, whole-network warm-up)`` in iterations."""
+        total, w = self.total_iterations(), self.warmup_length()
+        decoder_stage = min(w, total // 2)
+        return decoder_stage, max(1, decoder_stage // 2), min(w, total - decoder_stage)
 
-    def apply_encoder_lr(self) -> float:
-        scale = float(self.encoder_lr_scale(self.current_epoch))
-        lr = None
-        for g in self.optimizer.param_groups:
-            if g.get("alice_group") == ENCODER:
-                g["lr"] = g["lr"] * scale
-                lr = g["lr"]
-        self.print_to_log_file(f"Alice: encoder learning rate {lr:.5g} ({scale:.3g} x decoder)")
-        return scale
+    def lr_factor(self, iteration: int, group: str) -> float:
+        d, wd, wa = self.sawtooth_lengths()
+        if iteration < d:
+            return warmup_poly(iteration, 0, wd, d) if group == DECODER else 0.0
+        return warmup_poly(iteration, d, wa, self.total_iterations())
+
+    def describe_schedule(self) -> str:
+        d, wd, wa = self.sawtooth_lengths()
+        return (f"sawtooth: decoder only for {d} iterations (warm-up {wd}, then poly to 0; encoder frozen), then "
+                f"the whole network: warm-up over {wa} iterations, poly decay to iteration {self.total_iterations()}")
 
 
 class _FrozenEncoderMixin(_EncoderGroupsMixin):
@@ -80,35 +65,27 @@ class _FrozenEncoderMixin(_EncoderGroupsMixin):
                  device: torch.device = torch.device("cuda")):
         # explicit signature: nnUNetTrainer records its __init__ arguments by name for checkpoints
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.freeze_encoder_epochs = self.warmup_duration_whole_net
-        self.unfreeze_ramp_epochs = self.warmup_duration_whole_net
+        self.freeze_encoder_iterations = None  # None: the warm-up length
+        self.unfreeze_ramp_iterations = None   # None: the warm-up length
 
-    def encoder_lr_scale(self, epoch: int) -> float:
-        k, r = int(self.freeze_encoder_epochs), int(self.unfreeze_ramp_epochs)
-        if epoch < k:
+    def freeze_lengths(self):
+        w = self.warmup_length()
+        k = w if self.freeze_encoder_iterations is None else int(self.freeze_encoder_iterations)
+        r = w if self.unfreeze_ramp_iterations is None else int(self.unfreeze_ramp_iterations)
+        return k, r
+
+    def lr_factor(self, iteration: int, group: str) -> float:
+        base = super().lr_factor(iteration, group)
+        if group != ENCODER:
+            return base
+        k, r = self.freeze_lengths()
+        if iteration < k:
             return 0.0
-        return 1.0 if r <= 0 else min(1.0, (epoch - k + 1) / r)
+        return base * (1.0 if r <= 0 else min(1.0, (iteration - k + 1) / r))
 
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        if self.current_epoch < self.freeze_encoder_epochs:
-            self.print_to_log_file(f"Alice: encoder frozen (epoch {self.current_epoch} of the first "
-                                   f"{self.freeze_encoder_epochs})")
-        elif self.current_epoch == self.freeze_encoder_epochs:
-            self.drop_encoder_momentum()
-            self.print_to_log_file(f"Alice: encoder unfrozen at epoch {self.current_epoch}; its learning rate "
-                                   f"ramps up over {self.unfreeze_ramp_epochs} epoch(s)")
-
-    def drop_encoder_momentum(self) -> int:
-        """Forget the SGD momentum gathered while the encoder was frozen (it would jolt the weights)."""
-        dropped = 0
-        for g in self.optimizer.param_groups:
-            if g.get("alice_group") != ENCODER:
-                continue
-            for p in g["params"]:
-                if self.optimizer.state.get(p, {}).pop("momentum_buffer", None) is not None:
-                    dropped += 1
-        return dropped
+    def describe_schedule(self) -> str:
+        k, r = self.freeze_lengths()
+        return f"{super().describe_schedule()}; encoder frozen for {k} iterations, then ramped up over {r}"
 
 
 class _EncoderLRMixin(_EncoderGroupsMixin):
@@ -117,8 +94,20 @@ class _EncoderLRMixin(_EncoderGroupsMixin):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.encoder_lr_factor = 0.1
 
-    def encoder_lr_scale(self, epoch: int) -> float:
-        return float(self.encoder_lr_factor)
+    def lr_factor(self, iteration: int, group: str) -> float:
+        base = super().lr_factor(iteration, group)
+        return base * float(self.encoder_lr_factor) if group == ENCODER else base
+
+    def describe_schedule(self) -> str:
+        return f"{super().describe_schedule()}; encoder at {self.encoder_lr_factor:g} x the decoder's rate"
+
+
+class nnUNetTrainerAlice_sawtooth(_SawtoothMixin, nnUNetTrainerAlice):
+    """Decoder-only warm-up and training, then whole-network warm-up and poly decay."""
+
+
+class nnUNetTrainerAlice_sawtooth_150epochs(_SawtoothMixin, nnUNetTrainerAlice):
+    default_num_epochs = 150
 
 
 class nnUNetTrainerAlice_frozenEncoder(_FrozenEncoderMixin, nnUNetTrainerAlice):
@@ -129,8 +118,14 @@ class nnUNetTrainerAlice_encLR(_EncoderLRMixin, nnUNetTrainerAlice):
     """Encoder at 0.1 x the decoder's learning rate throughout."""
 
 
+class nnUNetTrainerAlice_sawtooth_tiny(_SawtoothMixin, nnUNetTrainerAlice_tiny):
+    """For tests: 3 tiny epochs (6 iterations, warm-up 3): decoder only for 3 iterations, then the whole network."""
+
+    default_num_epochs = 3
+
+
 class nnUNetTrainerAlice_frozenEncoder_tiny(_FrozenEncoderMixin, nnUNetTrainerAlice_tiny):
-    """For tests: 3 tiny epochs, encoder frozen in epoch 0 (the warm-up), unfrozen from epoch 1."""
+    """For tests: 3 tiny epochs (6 iterations), encoder frozen for the first 3 (the warm-up), unfrozen mid-epoch."""
 
     default_num_epochs = 3
 
