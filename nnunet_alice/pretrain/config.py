@@ -77,6 +77,7 @@ class PretrainConfig:
 
     # run
     seed: int = 12345
+    init_weights: Optional[str] = None  # start from these weights (a file of nnunet_alice.trainers.init_weights)
     device: str = "cuda"
     num_workers: Optional[int] = None  # None: nnUNet_n_proc_DA or a CPU-count default
     save_every: int = 250

@@ -105,6 +105,9 @@ class PretrainRun:
         # (re)seed right before anything random is built: imports above may have drawn from the global stream
         torch.manual_seed(config.seed + dist_utils.rank())
         self.network = build_planned_network(self.data.plans_manager, cm, self.data.num_input_channels)
+        if config.init_weights and not resume:  # the same draw as a from-scratch run (init-matched comparisons)
+            from nnunet_alice.trainers.init_weights import load_init_weights
+            load_init_weights(self.network, config.init_weights, include_seg_layers=False, log=self.notes.append)
         self.schedules = Schedules.from_config(config, self.total_steps)
         self.objective = build_objective(self.network, config, self.schedules).to(self.device)
         if config.compile:
