@@ -165,7 +165,7 @@ def test_trainer_prints_the_summary_before_training(trainer_box, monkeypatch, tm
     t.load_alice_weights()
     log = open(t.log_file).read()
     summary = log.index("alice_doctor: WILL LOAD")
-    assert summary < log.index("Alice: loaded 182 of 188 tensors")
+    assert summary < log.index("Alice: loaded ")
     assert "[WARNING] pretraining: 4 case(s)" in log and "[OK" not in log  # the summary lists problems only
 
 
