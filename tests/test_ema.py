@@ -128,3 +128,28 @@ def test_weight_normed_head_is_copied_and_averaged():
     teacher.update(student, 0.8)
     torch.testing.assert_close(v_t, 0.8 * before + 0.2 * v_s.detach())
     torch.testing.assert_close(teacher.module.last_layer.weight.norm(dim=1), torch.ones(6))   # gain stays 1
+
+
+def test_modules_that_keep_their_own_buffers():
+    """Running statistics of a branch's own inputs (e.g. the CLS standardisation) are not copied from the student."""
+
+    class OwnStats(nn.Module):
+        keeps_own_buffers = True
+
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer("running_mean", torch.zeros(3))
+
+    student = nn.Sequential(nn.BatchNorm1d(3), OwnStats())
+    teacher = EmaTeacher(student)
+    assert teacher.own_buffer_names() == {"1.running_mean"}
+    teacher.module[1].running_mean.fill_(5.0)
+    student[1].running_mean.fill_(-1.0)
+    student[0].running_mean.fill_(2.0)
+    with torch.no_grad():
+        student[1].lin.weight.add_(1.0)
+    teacher.update(student, 0.5)
+    assert torch.all(teacher.module[1].running_mean == 5.0)             # kept
+    assert torch.all(teacher.module[0].running_mean == 2.0)             # ordinary buffers still follow
+    torch.testing.assert_close(teacher.module[1].lin.weight, student[1].lin.weight - 0.5)   # parameters EMA'd

@@ -1,9 +1,10 @@
-"""DINO head, token projection and CLS pooling (alice-method Sec. 2.3, issue 3 "mapping Alice to a CNN U-Net")."""
+"""DINO head, token projection and CLS pooling (alice-method Sec. 2.3; docs/method.md, mapping Alice to a CNN U-Net)."""
 import pytest
 import torch
 from torch.nn import functional as F
 
-from nnunet_alice.pretrain.heads import DinoHead, TokenProjection, flatten_tokens, global_pool_tokens
+from nnunet_alice.pretrain.heads import (ClsPooling, DinoHead, PreNormTap, TokenProjection, flatten_tokens,
+                                         global_pool_tokens, prenorm_conv)
 
 
 def _small_head(**kw):
@@ -91,3 +92,159 @@ def test_token_projection_and_pooling():
         proj(torch.randn(2, 5, 2, 2, 2))
     with pytest.raises(ValueError):
         global_pool_tokens(torch.randn(2, 6))
+
+
+# ------------------------------------------------------------------------------------------ DINO head reference
+def test_head_matches_the_dino_paper_description():
+    """DINO (arXiv 2104.14294) Sec. 3.1 / App.: 3-layer MLP (hidden 2048, GELU), output 256, l2 normalisation,
+    weight-normalised linear layer with K outputs. Reference written out with plain matrix products."""
+    head = _small_head()
+    x = torch.randn(5, 16)
+    lin = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+    h = F.gelu(x @ lin[0].weight.t() + lin[0].bias)
+    h = F.gelu(h @ lin[1].weight.t() + lin[1].bias)
+    z = h @ lin[2].weight.t() + lin[2].bias
+    z = z / z.norm(dim=1, keepdim=True)
+    v = head.last_layer.parametrizations.weight.original1                 # direction; gain g = 1 (fixed)
+    w = v / v.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(head(x), z @ w.t())
+
+
+# ------------------------------------------------------------------------------------------------ CLS pooling
+def _plain(features=(8, 16, 32, 32)):
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    n = len(features)
+    return PlainConvUNet(1, n, features, torch.nn.Conv3d, 3, [1] + [2] * (n - 1), 2, 1, [1] * (n - 1),
+                         conv_bias=True, norm_op=torch.nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                         nonlin=torch.nn.LeakyReLU, nonlin_kwargs={"inplace": True})
+
+
+def _resenc(features=(8, 16, 32, 32)):
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
+    n = len(features)
+    return ResidualEncoderUNet(1, n, features, torch.nn.Conv3d, 3, [1] + [2] * (n - 1), [1, 2, 2, 2][:n], 1,
+                               [1] * (n - 1), conv_bias=True, norm_op=torch.nn.InstanceNorm3d,
+                               norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+                               nonlin_kwargs={"inplace": True})
+
+
+def _he_init(net, seed):
+    from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+
+    torch.manual_seed(seed)
+    net.apply(InitWeights_He(1e-2))       # nnU-Net's initialisation of its planned networks
+    return net.eval()
+
+
+@pytest.mark.parametrize("build", [_plain, _resenc])
+def test_prenorm_tap_reads_the_last_main_conv_before_its_norm(build):
+    net = _he_init(build(), 0)
+    tap = PreNormTap(net)
+    conv = prenorm_conv(net)
+    seen = {}
+    conv.register_forward_hook(lambda m, i, o: seen.__setitem__("conv", o))
+    net.encoder.register_forward_hook(lambda m, i, o: seen.__setitem__("out", o[-1]))
+    net(torch.randn(2, 1, 16, 16, 16))
+    pre = tap.pop()
+    assert pre.shape == seen["out"].shape and pre.shape[1] == tap.channels
+    torch.testing.assert_close(pre, seen["conv"])                  # the conv output itself ...
+    means = pre.mean(dim=(2, 3, 4))
+    assert means.abs().max() > 1e-3                                # ... not centred by the norm
+    if build is _resenc:                                           # main path, not the 1x1 skip projection
+        assert conv.kernel_size == (3, 3, 3)
+    with pytest.raises(RuntimeError):
+        tap.pop()                                                  # read once per forward
+
+
+def test_cls_pooling_modes_and_running_standardisation():
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 2, 3, 2) + 3.0
+    mean_pool = ClsPooling(6, "mean")
+    torch.testing.assert_close(mean_pool(x), x.mean(dim=(2, 3, 4)))        # the plain pool, unchanged
+    pool = ClsPooling(6, "prenorm_mean", momentum=0.5)
+    out = pool(x)                                                          # first batch: its own moments
+    v = x.mean(dim=(2, 3, 4))
+    torch.testing.assert_close(out, (v - v.mean(0)) / torch.sqrt(v.var(0, unbiased=False) + 1e-5))
+    assert int(pool.num_batches) == 1
+    y = torch.randn(4, 6, 2, 3, 2)
+    w = y.mean(dim=(2, 3, 4))
+    mu, var = pool.running_mean.clone(), pool.running_var.clone()
+    torch.testing.assert_close(pool(y, update_stats=True), (w - mu) / torch.sqrt(var + 1e-5))  # old stats
+    torch.testing.assert_close(pool.running_mean, 0.5 * mu + 0.5 * w.mean(0))
+    torch.testing.assert_close(pool.running_var, 0.5 * var + 0.5 * w.var(0, unbiased=False))
+    before = pool.running_mean.clone()
+    pool(x)                                                                # no update unless asked
+    torch.testing.assert_close(pool.running_mean, before)
+    mlp = ClsPooling(6, "prenorm_mlp", hidden_dim=10)
+    assert mlp.out_dim == 10 and mlp(x).shape == (4, 10)
+    weights = torch.zeros(4, 12)
+    weights[:, :3] = 1.0                                                   # pool only the first 3 tokens
+    torch.testing.assert_close(mlp.pool(x, weights), mlp.phi(flatten_tokens(x)[:, :3]).mean(dim=1))
+    with pytest.raises(ValueError):
+        ClsPooling(6, "attention")
+    with pytest.raises(ValueError):
+        mlp.pool(x, torch.ones(4, 5))
+
+
+def _synthetic_volumes(n: int, size: int, seed: int) -> torch.Tensor:
+    """``n`` different CT-like volumes (alice_synth_data's generator), z-scored like nnU-Net's CT normalisation."""
+    import numpy as np
+
+    from nnunet_alice.tools.synthetic import synthetic_case
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        img = synthetic_case(rng, (size + 8, size + 8, size + 8))[0].astype(np.float32)
+        img = img[:size, :size, :size]
+        out.append((img - img.mean()) / img.std())
+    return torch.from_numpy(np.stack(out)[:, None])
+
+
+def _mean_pairwise_cosine(v: torch.Tensor) -> float:
+    v = F.normalize(v.float(), dim=-1)
+    c = v @ v.t()
+    n = c.shape[0]
+    return float((c.sum() - n) / (n * (n - 1)))
+
+
+@pytest.mark.parametrize("build", [_plain, _resenc])
+def test_cls_tells_volumes_apart_at_initialisation(build):
+    """Over 8 different volumes at initialisation: mean pairwise cosine of the CLS embeddings < 0.9 and the
+    teacher's target entropy inside (0.05, 0.95) ln K at the configured step-0 temperature, for both centrings.
+    The pool of the normed bottleneck output (``mean``, the earlier mapping) is the control that fails."""
+    import math
+
+    from alice_fixtures import schedules_for, tiny_config
+    from nnunet_alice.pretrain.objective_alice import AliceObjective
+
+    calib, vols = _synthetic_volumes(8, 32, seed=1), _synthetic_volumes(8, 32, seed=2)
+    k = 512
+    results = {}
+    for mode in ("prenorm_mlp", "prenorm_mean", "mean"):
+        cfg = tiny_config(cls_pool=mode, head_hidden_dim=256, head_bottleneck_dim=64, head_out_dim=k,
+                          patch_size=[32, 32, 32])
+        obj = AliceObjective(_he_init(build(), 0), cfg, schedules_for(cfg))
+        teacher = obj.teacher.module                                      # the branch that sees unmasked views
+        seen = []
+        teacher.head.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        with torch.no_grad():
+            teacher.encode(calib, need_tokens=False)                      # standardisation from other volumes
+            out = teacher.encode(vols, need_tokens=False)
+        cls_in = seen[-1]                                                 # the CLS vector the head receives
+        temp = float(obj.schedules.teacher_temp[0])
+        entropy = {}
+        for centering in ("sinkhorn", "center"):
+            obj.cls_loss.centering = centering
+            p = obj.cls_loss._targets(out["cls"].float(), temp)
+            entropy[centering] = float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean()) / math.log(k)
+        results[mode] = (_mean_pairwise_cosine(cls_in), entropy)
+    for mode in ("prenorm_mlp", "prenorm_mean"):
+        cos, entropy = results[mode]
+        assert cos < 0.9, (mode, results)
+        assert 0.05 < entropy["sinkhorn"] < 0.95, (mode, results)             # the default centring
+    assert 0.05 < results["prenorm_mlp"][1]["center"] < 0.95, results        # default pool, DINO centre at 0
+    assert results["mean"][0] > 0.9, results            # InstanceNorm centred it: nearly one vector for all
+

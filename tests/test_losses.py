@@ -1,13 +1,15 @@
-"""Alice losses (alice-method Sec. 3, Eq. 1-3) and collapse monitors against hand-computed values."""
+"""Alice losses (alice-method Sec. 3, Eq. 1-3), Sinkhorn-Knopp targets and collapse monitors against
+hand-computed values and plain references."""
 import math
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn import functional as F
 
-from nnunet_alice.pretrain.losses import (CasaTokenLoss, DinoCrossViewLoss, kl_to_uniform, reconstruction_loss,
-                                          teacher_entropy)
+from nnunet_alice.pretrain.losses import (CasaTokenLoss, DinoCrossViewLoss, kl_to_uniform, probs_entropy,
+                                          probs_kl_to_uniform, reconstruction_loss, sinkhorn_knopp, teacher_entropy)
 
 
 def softmax(xs, tau=1.0, c=None):
@@ -155,6 +157,20 @@ def _dist_worker(rank, world, init_file):
         all_tok = torch.cat([tok.mean(dim=1) for _, _, tok in data])
         torch.testing.assert_close(cls_loss.center, 0.1 * all_cls.mean(dim=0, keepdim=True))
         torch.testing.assert_close(tok_loss.center, 0.1 * all_tok.mean(dim=0).reshape(1, 1, 3))
+        # Sinkhorn-Knopp over the global rows: each rank's targets are its rows of the global solution
+        local = torch.cat([t_q, t_k])
+        offset = sum(2 * data[r][0].shape[0] for r in range(rank))
+        expected = sinkhorn_knopp(all_cls, 0.5, 3)[offset:offset + local.shape[0]]
+        torch.testing.assert_close(sinkhorn_knopp(local, 0.5, 3), expected)
+        # masked token mean over the global batch: rank-local losses average to the global one under DDP
+        ce = torch.arange(6.0).reshape(2, 3) + 10 * rank
+        mask = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]) if rank == 0 else torch.ones(2, 3)
+        local_loss = CasaTokenLoss._masked_mean(ce, mask)
+        both = torch.stack([local_loss, local_loss.new_tensor(0.0)])
+        dist.all_reduce(both)
+        global_ce = torch.cat([torch.arange(6.0).reshape(2, 3), torch.arange(6.0).reshape(2, 3) + 10])
+        global_mask = torch.cat([torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), torch.ones(2, 3)])
+        torch.testing.assert_close(both[0] / world, (global_ce * global_mask).sum() / global_mask.sum())
     finally:
         dist.destroy_process_group()
 
@@ -165,3 +181,114 @@ def test_centre_is_averaged_over_the_global_batch(tmp_path):
     # the workers set one intra-op thread first, as DataLoader workers do, so forking after OpenMP use is safe
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     mp.start_processes(_dist_worker, args=(2, str(tmp_path / "store")), nprocs=2, join=True, start_method=method)
+
+
+# ------------------------------------------------------------------------------------------------ Sinkhorn-Knopp
+def _reference_sinkhorn(logits, temp, iterations):
+    """SwAV Sec. 3.1 / DINOv2's ``sinkhorn_knopp_teacher`` in float64 and the exp domain (moderate temps only)."""
+    q = torch.exp(logits.double() / temp).t()                    # (K, R)
+    q /= q.sum()
+    k, r = q.shape
+    for _ in range(iterations):
+        q /= q.sum(dim=1, keepdim=True)
+        q /= k
+        q /= q.sum(dim=0, keepdim=True)
+        q /= r
+    return (q * r).t()
+
+
+def test_sinkhorn_matches_the_exp_domain_reference_and_balances_prototypes():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=g)
+    for temp, it in ((1.0, 3), (0.3, 1), (0.5, 50)):
+        torch.testing.assert_close(sinkhorn_knopp(logits, temp, it).double(), _reference_sinkhorn(logits, temp, it),
+                                   rtol=1e-5, atol=1e-7)
+    p = sinkhorn_knopp(logits, 0.5, 200)
+    torch.testing.assert_close(p.sum(dim=1), torch.ones(6))                       # rows are distributions
+    torch.testing.assert_close(p.sum(dim=0), torch.full((5,), 6 / 5), rtol=1e-4, atol=1e-4)  # equipartition
+    # identical rows cannot pick one prototype: the equipartition makes them uniform
+    same = torch.tensor([[3.0, 0.0, 0.0, 0.0]]).repeat(4, 1)
+    torch.testing.assert_close(sinkhorn_knopp(same, 0.1, 3), torch.full((4, 4), 0.25))
+    # rows that differ stay sharp: one row per prototype
+    torch.testing.assert_close(sinkhorn_knopp(torch.eye(4), 0.05, 3).argmax(dim=1), torch.arange(4))
+
+
+def test_sinkhorn_at_the_paper_temperature_stays_finite():
+    """tau_t = 0.008 puts exp(1 / tau_t) = e^125 beyond float32; the log-domain version does not overflow."""
+    logits = torch.tensor([[1.0, -1.0, 0.5], [0.9, 1.0, -0.2]])
+    p = sinkhorn_knopp(logits, 0.008, 3)
+    assert torch.isfinite(p).all() and torch.allclose(p.sum(dim=1), torch.ones(2))
+    torch.testing.assert_close(p.double(), _reference_sinkhorn(logits, 0.008, 3), rtol=1e-5, atol=1e-6)  # float64 ok
+    with pytest.raises(ValueError):
+        sinkhorn_knopp(logits, 0.1, 0)
+
+
+def test_sinkhorn_queue_rows_take_part_but_are_not_returned():
+    g = torch.Generator().manual_seed(1)
+    queue, batch = torch.randn(5, 4, generator=g), torch.randn(3, 4, generator=g)
+    expected = sinkhorn_knopp(torch.cat([queue, batch]), 0.2, 3)[5:]
+    torch.testing.assert_close(sinkhorn_knopp(batch, 0.2, 3, extra_rows=queue), expected)
+    loss = DinoCrossViewLoss(4, centering="sinkhorn", queue_size=5)
+    t = [torch.randn(2, 4, generator=g) for _ in range(6)]
+    loss(t[0], t[1], t[0], t[1], 0.2)                                 # 4 rows in
+    assert int(loss.queue_len) == 4
+    torch.testing.assert_close(loss.queue[:4], torch.cat([t[0], t[1]]))
+    loss(t[2], t[3], t[2], t[3], 0.2)                                 # 4 more: ring buffer keeps the last 5
+    assert int(loss.queue_len) == 5
+    kept = torch.cat([t[0], t[1], t[2], t[3]])[-5:]
+    assert sorted(map(tuple, loss.queue.tolist())) == sorted(map(tuple, kept.tolist()))
+    # the next call uses those 5 rows in its normalisation
+    s_q, s_k = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
+    targets = sinkhorn_knopp(torch.cat([t[4], t[5]]), 0.2, 3, extra_rows=loss.queue.clone())
+    got = loss(s_q, s_k, t[4], t[5], 0.2)
+    ce = lambda p, s: -(p * F.log_softmax(s / 0.1, dim=-1)).sum(-1).mean()   # noqa: E731
+    assert got.item() == pytest.approx(0.5 * (ce(targets[:2], s_k) + ce(targets[2:], s_q)).item(), rel=1e-5)
+    torch.testing.assert_close(loss.last_targets, targets)
+    assert "queue" in loss.state_dict()                              # resumed runs continue with the same queue
+    assert not hasattr(DinoCrossViewLoss(4, centering="center", queue_size=5), "queue")
+
+
+def test_sinkhorn_loss_keeps_tracking_the_centre():
+    loss = DinoCrossViewLoss(3, centering="sinkhorn")
+    t_q, t_k = torch.tensor(T_Q), torch.tensor(T_K)
+    loss(torch.tensor(S_Q), torch.tensor(S_K), t_q, t_k, 0.5)
+    torch.testing.assert_close(loss.center, 0.1 * torch.cat([t_q, t_k]).mean(dim=0, keepdim=True))
+    targets = sinkhorn_knopp(torch.cat([t_q, t_k]), 0.5, 3)
+    torch.testing.assert_close(loss.last_targets, targets)
+    with pytest.raises(ValueError):
+        DinoCrossViewLoss(3, centering="median")
+
+
+def test_casa_loss_on_masked_tokens_only():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(2, 4, 5, generator=g, requires_grad=True), torch.randn(2, 4, 5, generator=g)
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    loss_fn = CasaTokenLoss(5, centering="center")
+    loss = loss_fn(s, t, 0.3, mask)
+    p = F.softmax(t / 0.3, dim=-1)
+    ce = -(p * F.log_softmax(s / 0.1, dim=-1)).sum(-1)
+    assert loss.item() == pytest.approx(ce[mask].mean().item(), rel=1e-5)
+    loss.backward()
+    assert torch.all(s.grad[~mask] == 0) and s.grad[mask].abs().sum() > 0   # unmasked tokens teach nothing
+    # a view without masked tokens falls back to all of them; per-view masks in sequences
+    loss_fn.center.zero_()
+    none = loss_fn(s.detach(), t, 0.3, torch.zeros(2, 4, dtype=torch.bool))
+    assert none.item() == pytest.approx(ce.mean().item(), rel=1e-5)
+    loss_fn.center.zero_()
+    views = loss_fn([s.detach()[:1], s.detach()[1:]], [t[:1], t[1:]], 0.3, [mask[:1], mask[1:]])
+    assert views.item() == pytest.approx(0.5 * (ce[:1][mask[:1]].mean() + ce[1:][mask[1:]].mean()).item(), rel=1e-5)
+    with pytest.raises(ValueError):
+        loss_fn(s, t, 0.3, torch.ones(2, 3))
+    with pytest.raises(ValueError):
+        loss_fn([s], [t], 0.3, [mask, mask])
+
+
+def test_target_monitors_from_probabilities():
+    p = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    assert probs_entropy(p).item() == pytest.approx(math.log(2) / 2)
+    p_bar = [0.25, 0.25, 0.5, 0.0]
+    kl = sum(q * math.log(q * 4) for q in p_bar if q > 0)
+    assert probs_kl_to_uniform(p).item() == pytest.approx(kl, rel=1e-5)
+    logits, center = torch.tensor(T_Q), torch.tensor([CENTER])
+    assert teacher_entropy(logits, center, 0.5).item() == pytest.approx(
+        probs_entropy(F.softmax((logits - center) / 0.5, dim=-1)).item())

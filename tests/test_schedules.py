@@ -61,7 +61,8 @@ def test_momentum_schedule_formula():
 
 
 def test_schedules_from_config():
-    cfg = PretrainConfig(lr=1e-3, min_lr=1e-5, warmup_fraction=0.1, warmup_teacher_temp_fraction=0.2, steps=50)
+    cfg = PretrainConfig(lr=1e-3, min_lr=1e-5, warmup_fraction=0.1, warmup_teacher_temp_fraction=0.2, steps=50,
+                         warmup_min_steps=0, warmup_teacher_temp_min_steps=0)      # fractions only
     s = Schedules.from_config(cfg)
     assert s.total_steps == 50
     for a in (s.lr, s.weight_decay, s.momentum, s.teacher_temp):
@@ -77,3 +78,28 @@ def test_schedules_from_config():
     assert s.at(10_000) == s.at(49)
     one = Schedules.from_config(cfg, total_steps=1)
     assert one.lr.tolist() == pytest.approx([1e-3]) and one.teacher_temp.tolist() == pytest.approx([0.01])
+
+
+def test_steps_with_floor():
+    from nnunet_alice.pretrain.schedules import steps_with_floor
+
+    assert steps_with_floor(0.05, 50, 10_000) == 500             # the fraction wins on long runs
+    assert steps_with_floor(0.05, 50, 200) == 50                 # the floor on short ones
+    assert steps_with_floor(0.05, 50, 60) == 30                  # the floor is capped at half the run
+    assert steps_with_floor(0.8, 50, 100) == 80                  # an explicit fraction is kept
+    assert steps_with_floor(0.0, 0, 100) == 0
+    assert steps_with_floor(0.001, 25, 1) == 0
+    with pytest.raises(ValueError):
+        steps_with_floor(-0.1, 5, 10)
+
+
+def test_short_runs_keep_their_warm_ups_and_freeze():
+    """At 100 steps the fractions alone give a 0-step freeze and a 3-step temperature warm-up; the floors don't."""
+    cfg = PretrainConfig(steps=100)
+    bare = Schedules.from_config(PretrainConfig(steps=100, warmup_min_steps=0, warmup_teacher_temp_min_steps=0,
+                                                freeze_last_layer_min_steps=0))
+    assert (bare.freeze_last_layer_steps, bare.teacher_temp_warmup_steps, bare.lr_warmup_steps) == (0, 3, 5)
+    s = Schedules.from_config(cfg)
+    assert (s.freeze_last_layer_steps, s.teacher_temp_warmup_steps, s.lr_warmup_steps) == (25, 50, 50)
+    assert s.lr[49] < cfg.lr and s.lr[50] == pytest.approx(cfg.lr)
+    assert s.teacher_temp[49] < cfg.teacher_temp and s.teacher_temp[50] == pytest.approx(cfg.teacher_temp)

@@ -9,7 +9,8 @@ import argparse
 from typing import List, Optional
 
 from nnunet_alice.errors import AliceError, cli_main
-from nnunet_alice.pretrain.config import CASA_TARGETS, MASKINGS, MATCHERS, OBJECTIVES, RECON_REGIONS, PretrainConfig
+from nnunet_alice.pretrain.config import (CASA_TARGETS, CENTERINGS, CLS_POOLS, MASKINGS, MATCHERS, OBJECTIVES,
+                                          RECON_REGIONS, PretrainConfig)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -73,11 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--head-out-dim", type=int, default=d.head_out_dim, help="prototypes K")
     o.add_argument("--head-hidden-dim", type=int, default=d.head_hidden_dim)
     o.add_argument("--head-bottleneck-dim", type=int, default=d.head_bottleneck_dim)
+    o.add_argument("--centering", choices=CENTERINGS, default=d.centering,
+                   help="teacher targets: sinkhorn (Sinkhorn-Knopp, stable at batch 2-8) or center (DINO)")
+    o.add_argument("--sinkhorn-iterations", type=int, default=d.sinkhorn_iterations)
+    o.add_argument("--cls-queue-size", type=int, default=d.cls_queue_size,
+                   help="past CLS teacher rows included in the Sinkhorn-Knopp normalisation (0: none)")
+    o.add_argument("--center-momentum", type=float, default=d.center_momentum)
+    o.add_argument("--cls-pool", choices=CLS_POOLS, default=d.cls_pool,
+                   help="CLS vector: pre-norm bottleneck tokens through a per-token MLP (prenorm_mlp) or averaged "
+                        "(prenorm_mean), both standardised; mean: pool of the bottleneck output")
+    o.add_argument("--warmup-teacher-temp-fraction", type=float, default=d.warmup_teacher_temp_fraction)
+    o.add_argument("--warmup-teacher-temp-min-steps", type=int, default=d.warmup_teacher_temp_min_steps)
+    o.add_argument("--freeze-last-layer-fraction", type=float, default=d.freeze_last_layer_fraction)
+    o.add_argument("--freeze-last-layer-min-steps", type=int, default=d.freeze_last_layer_min_steps)
 
     t = p.add_argument_group("optimisation")
     t.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
     t.add_argument("--min-lr", type=float, default=d.min_lr)
     t.add_argument("--warmup-fraction", type=float, default=d.warmup_fraction)
+    t.add_argument("--warmup-min-steps", type=int, default=d.warmup_min_steps,
+                   help="LR warm-up floor in steps (capped at half the run)")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay)
     t.add_argument("--weight-decay-end", type=float, default=d.weight_decay_end)
     t.add_argument("--grad-clip", type=float, default=d.grad_clip)

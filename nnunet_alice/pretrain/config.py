@@ -16,6 +16,8 @@ MATCHERS = ("intra", "registration", "embedding")
 CASA_TARGETS = ("teacher_encoder_ema", "teacher_decoder_shared")
 RECON_REGIONS = ("masked", "all")
 MASKINGS = ("spark", "zero")
+CENTERINGS = ("sinkhorn", "center")       # teacher targets (pretrain/losses.py)
+CLS_POOLS = ("prenorm_mlp", "prenorm_mean", "mean")  # what the CLS vector pools (pretrain/heads.py)
 
 
 @dataclass
@@ -61,6 +63,12 @@ class PretrainConfig:
     center_momentum: float = 0.9
     momentum_teacher: float = 0.996
     freeze_last_layer_fraction: float = 0.001
+    freeze_last_layer_min_steps: int = 25     # floor in steps (capped at half the run), pretrain/schedules.py
+    warmup_teacher_temp_min_steps: int = 50
+    centering: str = "sinkhorn"   # teacher targets: Sinkhorn-Knopp (batch 2-8 safe) or DINO's centre
+    sinkhorn_iterations: int = 3
+    cls_queue_size: int = 0       # past CLS teacher rows added to the Sinkhorn-Knopp normalisation
+    cls_pool: str = "prenorm_mlp"
 
     # optimisation
     steps: Optional[int] = None
@@ -71,6 +79,7 @@ class PretrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-5
     warmup_fraction: float = 0.05
+    warmup_min_steps: int = 50         # floor in steps (capped at half the run)
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     grad_clip: float = 3.0
@@ -124,7 +133,43 @@ class PretrainConfig:
             bad(f"--match-tries must be >= 1, got {self.match_tries}")
         if self.batch_size is not None and self.batch_size < 1:
             bad(f"--batch-size must be >= 1, got {self.batch_size}")
+        self._validate_teacher(bad)
         return self
+
+    def _validate_teacher(self, bad) -> None:
+        """Heads, temperatures, centring, EMA and schedule lengths."""
+        if self.centering not in CENTERINGS:
+            bad(f"--centering must be one of {CENTERINGS}, got {self.centering!r}")
+        if self.cls_pool not in CLS_POOLS:
+            bad(f"--cls-pool must be one of {CLS_POOLS}, got {self.cls_pool!r}")
+        for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "lr"):
+            if not getattr(self, name) > 0:
+                bad(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.min_lr < 0:
+            bad(f"--min-lr must be >= 0, got {self.min_lr}")
+        for name in ("momentum_teacher", "center_momentum", "warmup_fraction", "warmup_teacher_temp_fraction",
+                     "freeze_last_layer_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                bad(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("warmup_min_steps", "warmup_teacher_temp_min_steps", "freeze_last_layer_min_steps",
+                     "cls_queue_size"):
+            if getattr(self, name) < 0:
+                bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.sinkhorn_iterations < 1:
+            bad(f"--sinkhorn-iterations must be >= 1, got {self.sinkhorn_iterations}")
+        for name in ("head_out_dim", "head_hidden_dim", "head_bottleneck_dim", "casa_heads", "iterations_per_epoch",
+                     "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.head_out_dim < 2:
+            bad(f"--head-out-dim (prototypes K) must be >= 2, got {self.head_out_dim}")
+        if self.head_out_dim % self.casa_heads:
+            bad(f"--head-out-dim ({self.head_out_dim}) must be divisible by the {self.casa_heads} CASA heads")
+        if not 0.0 <= self.casa_dropout < 1.0:
+            bad(f"casa_dropout must be in [0, 1), got {self.casa_dropout}")
+        for name in ("lambda_cls", "lambda_casa", "lambda_recon", "weight_decay", "weight_decay_end", "grad_clip"):
+            if getattr(self, name) < 0:
+                bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

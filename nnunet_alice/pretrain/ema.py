@@ -5,7 +5,9 @@ initialised from the student and never trained by gradients. After every optimis
 
     theta_t <- m * theta_t + (1 - m) * theta_s            (over parameters whose names match)
 
-with m from :func:`nnunet_alice.pretrain.schedules.momentum_schedule`.
+with m from :func:`nnunet_alice.pretrain.schedules.momentum_schedule`. Buffers are copied from the student,
+except those of submodules that declare ``keeps_own_buffers = True`` (e.g. ``heads.ClsPooling``, whose running
+statistics describe the branch's own inputs: masked views for the student, unmasked ones for the teacher).
 
 Mode. The teacher is **always in eval mode** (``train()`` on the wrapper does not change it):
 
@@ -93,7 +95,16 @@ class EmaTeacher(nn.Module):
         if tp:
             torch._foreach_mul_(tp, m)
             torch._foreach_add_(tp, sp, alpha=1.0 - m)
-        t_bufs = dict(self.module.named_buffers())
+        own = self.own_buffer_names()
+        t_bufs = {n: b for n, b in self.module.named_buffers() if n not in own}
         s_bufs = dict(src.named_buffers())
         for n in self._matching(t_bufs, s_bufs, "buffer"):
             t_bufs[n].copy_(s_bufs[n])
+
+    def own_buffer_names(self) -> set:
+        """Buffers of the teacher that :meth:`update` leaves alone (submodules with ``keeps_own_buffers``)."""
+        own = set()
+        for prefix, mod in self.module.named_modules():
+            if getattr(mod, "keeps_own_buffers", False):
+                own.update(f"{prefix}.{n}" if prefix else n for n, _ in mod.named_buffers())
+        return own

@@ -6,7 +6,12 @@ Alice (Jiang et al., ICCV 2023) inherits the DINO recipe (alice-method Sec. 2.2 
   code whose floor sits above its peak, bug B9);
 * weight decay: cosine 0.04 -> 0.4;
 * EMA momentum of the teacher: m(i) = 1 - (1 - m0) * 0.5 * (1 + cos(pi * i / N)), 0.996 -> 1 (Sec. 2.2);
-* teacher temperature: linear warm-up 0.008 -> 0.01, then constant (Sec. 3).
+* teacher temperature: linear warm-up 0.008 -> 0.01, then constant (Sec. 3);
+* last-layer freeze: the prototypes get no update during the first steps (DINO's ``freeze_last_layer``).
+
+Warm-up and freeze lengths are fractions of the run with a floor in absolute steps (:func:`steps_with_floor`):
+DINO's fractions were chosen for runs of 100+ epochs of thousands of steps, and on a short run they round to
+almost nothing (0.1 % of 100 steps is no freeze at all).
 
 Every array has exactly ``total_steps`` entries; entry ``i`` is the value used at optimiser step ``i``.
 """
@@ -17,7 +22,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-__all__ = ["cosine_schedule", "linear_warmup_constant", "momentum_schedule", "Schedules"]
+__all__ = ["cosine_schedule", "linear_warmup_constant", "momentum_schedule", "steps_with_floor", "Schedules"]
 
 
 def _check_steps(total_steps: int, warmup_steps: int) -> None:
@@ -83,6 +88,19 @@ def momentum_schedule(total_steps: int, base: float = 0.996) -> np.ndarray:
     return 1.0 - (1.0 - base) * 0.5 * (1.0 + np.cos(np.pi * i / int(total_steps)))
 
 
+def steps_with_floor(fraction: float, floor: int, total_steps: int) -> int:
+    """``round(fraction * N)``, raised to ``floor`` when shorter; the floor itself never exceeds ``N // 2``.
+
+    An explicit fraction is kept as given (it may exceed N / 2); only the floor is capped, so a short run still
+    spends at least half of its steps after the warm-up.
+    """
+    if fraction < 0 or floor < 0:
+        raise ValueError(f"fraction and floor must be >= 0, got {fraction} and {floor}")
+    n = int(total_steps)
+    steps = int(round(float(fraction) * n))
+    return max(steps, min(int(floor), n // 2))
+
+
 @dataclass
 class Schedules:
     """The four per-step arrays of a run, each of length ``total_steps``.
@@ -95,6 +113,9 @@ class Schedules:
     weight_decay: np.ndarray
     momentum: np.ndarray
     teacher_temp: np.ndarray
+    freeze_last_layer_steps: int = 0
+    lr_warmup_steps: int = 0
+    teacher_temp_warmup_steps: int = 0
 
     @property
     def total_steps(self) -> int:
@@ -102,16 +123,18 @@ class Schedules:
 
     @classmethod
     def from_config(cls, cfg: Any, total_steps: Optional[int] = None) -> "Schedules":
-        """``total_steps`` defaults to ``cfg.total_steps()``; warm-up lengths are fractions of it, rounded."""
+        """``total_steps`` defaults to ``cfg.total_steps()``; warm-up and freeze lengths: :func:`steps_with_floor`."""
         n = int(total_steps if total_steps is not None else cfg.total_steps())
         _check_steps(n, 0)
-        lr_warm = int(round(cfg.warmup_fraction * n))
-        temp_warm = int(round(cfg.warmup_teacher_temp_fraction * n))
+        lr_warm = steps_with_floor(cfg.warmup_fraction, cfg.warmup_min_steps, n)
+        temp_warm = steps_with_floor(cfg.warmup_teacher_temp_fraction, cfg.warmup_teacher_temp_min_steps, n)
+        freeze = steps_with_floor(cfg.freeze_last_layer_fraction, cfg.freeze_last_layer_min_steps, n)
         return cls(
             lr=cosine_schedule(cfg.lr, cfg.min_lr, n, warmup_steps=lr_warm, warmup_start_value=0.0),
             weight_decay=cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, n),
             momentum=momentum_schedule(n, base=cfg.momentum_teacher),
             teacher_temp=linear_warmup_constant(cfg.warmup_teacher_temp, cfg.teacher_temp, temp_warm, n),
+            freeze_last_layer_steps=freeze, lr_warmup_steps=lr_warm, teacher_temp_warmup_steps=temp_warm,
         )
 
     def at(self, step: int) -> Dict[str, float]:
