@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-settings-change", action="store_true",
                    help="with --continue: accept settings that change the computation (refused otherwise) and "
                         "record the change in the checkpoint (docs/resume.md)")
+    p.add_argument("--estimate", type=int, nargs="?", const=3, metavar="N",
+                   help="time N steps (default 3) after a warm-up, print step time, volumes/s, peak memory and the "
+                        "projected wall time / GPU-hours of the requested run, and exit without writing anything")
     p.add_argument("--unlabeled", action="append", default=[], metavar="DIR",
                    help="extra raw images (nnU-Net naming <case>_0000<ending>); repeatable")
     g = p.add_mutually_exclusive_group()
@@ -120,6 +123,10 @@ def config_from_args(args: argparse.Namespace) -> PretrainConfig:
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
+    if args.estimate is not None:
+        from nnunet_alice.pretrain.estimate import run_estimate
+        run_estimate(config, steps=args.estimate)
+        return
     from nnunet_alice.pretrain.runner import PretrainRun
 
     try:
