@@ -364,6 +364,25 @@ def test_probe_column(fake_env, monkeypatch):
     assert table["scratch"] == "" and table["alice"] == "0.3000"
 
 
+def test_probe_step_calls_the_probe_interface(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from nnunet_alice.tools import bench_steps
+
+    calls = []
+    fake = types.ModuleType("nnunet_alice.tools.probe")
+    fake.probe_checkpoint = lambda *a, **kw: calls.append((a, kw)) or {"mean_dice": 0.42, "dice": {"1": 0.4},
+                                                                         "tensor": object()}
+    monkeypatch.setitem(sys.modules, "nnunet_alice.tools.probe", fake)
+    monkeypatch.setattr(bench_steps, "probe_available", lambda: True)
+    out = tmp_path / "p" / "probe.json"
+    assert bench_steps.main(["probe", "-d", "993", "-p", "P", "-c", "3d_fullres", "--checkpoint", "ck.pth",
+                             "--labels", "2", "--seed", "1", "-o", str(out)]) == 0
+    assert calls[0][0] == ("993", "3d_fullres", "P", "ck.pth", 2, 1)
+    assert json.loads(out.read_text()) == {"mean_dice": 0.42, "dice": {"1": 0.4}}  # plain values only
+
+
 def test_a_folder_of_the_previous_protocol_is_not_resumed(fake_env):
     b = bench(FakeRunner(), methods=("scratch",), labels=("1",), seeds=(0,))
     state = Path(b.out, "state", "budget.json")
