@@ -155,7 +155,7 @@ class nnUNetTrainerAlice(nnUNetTrainer):
 
         path = find_pretrained_checkpoint(self.plans_manager.plans, self.configuration_name)
         if path is None:
-            self.print_to_log_file("Alice: nnUNet_alice_pretrained=none, training from scratch with this recipe")
+            self.print_to_log_file("Alice: nnUNet_alice_pretrained=none: no pretrained weights loaded")
             return
         ckpt = load_checkpoint(path)
         net = unwrap(self.network)
