@@ -208,7 +208,7 @@ setup(
         "tqdm",
         "scipy",
     ],
-    extras_require={"test": ["pytest"], "demo": ["nilearn"]},
+    extras_require={"test": ["pytest", "pytest-timeout"], "demo": ["nilearn"]},
     entry_points={
         "console_scripts": [
             "alice_pretrain=nnunet_alice.pretrain.cli:main",

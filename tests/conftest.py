@@ -129,3 +129,17 @@ def synth_dataset(tmp_path_factory) -> SynthDataset:
     ds.run(["nnUNetv2_plan_and_preprocess", "-d", DATASET_ID, "-c", "3d_fullres", "-np", 1], n_proc_da=None)
     assert (ds.preprocessed_dataset / "nnUNetPlans.json").is_file()
     return ds
+
+
+# ---------------------------------------------------------------------------------------------- test order
+def pytest_collection_modifyitems(config, items):
+    """``ALICE_TEST_ORDER=reverse`` runs the test files in reverse order (tests inside a file keep theirs), so CI
+    proves that no test depends on what an earlier file left behind (threads, forks, environment, files)."""
+    if os.environ.get("ALICE_TEST_ORDER", "").lower() != "reverse":
+        return
+    files = []
+    for item in items:
+        if item.fspath not in files:
+            files.append(item.fspath)
+    rank = {f: i for i, f in enumerate(reversed(files))}
+    items.sort(key=lambda it: rank[it.fspath])
