@@ -5,8 +5,8 @@ installed. A source is an array in voxel-index order (x, y, z) with a 4x4 ``affi
 physical LPS millimetres (the frame of SimpleITK and nnU-Net).
 
 ``mni``
-    The MNI ICBM152 2009c symmetric T1 average bundled in the nilearn wheel (``load_mni152_*``; the ``fetch_*``
-    functions download and are never used), 197x233x189 voxels at 1 mm, skull-stripped, intensities 0..1, with
+    The MNI ICBM152 2009c symmetric T1 average bundled in the nilearn wheel (the files behind ``load_mni152_*``,
+    read with nibabel; the ``fetch_*`` functions download and are never used), 197x233x189 voxels at 1 mm, skull-stripped, intensities 0..1, with
     its grey/white matter probability maps. Two label sets:
 
     ``tissue`` - 0 background, 1 grey matter (GM), 2 white matter (WM): inside the brain mask (T1 > 0.2, the rule
@@ -150,7 +150,7 @@ def load_source(source: str, ct_path: str | None = None) -> DemoSource:
     The availability check runs on every call; the loaded volume is cached per process.
     """
     if source == "mni":
-        _require_nilearn()
+        _nilearn_folder()
         key = ("mni",)
         loader = _load_mni
     elif source == "ct":
@@ -170,13 +170,48 @@ def load_source(source: str, ct_path: str | None = None) -> DemoSource:
     return _CACHE[key]
 
 
-def _require_nilearn():
-    """Import ``nilearn.datasets`` or raise the install hint."""
+MNI_FILES = ("mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz", "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+             "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")
+
+
+def _nilearn_folder() -> str:
+    """Where nilearn is installed (without importing it), or raise the install hint."""
+    import importlib.util
+
     try:
-        import nilearn.datasets as nd  # noqa: F401
-    except ImportError as e:
-        raise AliceError(f"--source mni needs nilearn ({e}): install it with 'pip install nilearn'") from None
-    return nd
+        spec = importlib.util.find_spec("nilearn")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise AliceError("--source mni needs nilearn (not installed): install it with 'pip install nilearn'")
+    return list(spec.submodule_search_locations)[0]
+
+
+def _mni_volumes() -> tuple:
+    """(T1, p(GM), p(WM), RAS affine) of the MNI template, each volume float32 scaled to a maximum of 1, as
+    nilearn's ``load_mni152_template`` / ``_gm_template`` / ``_wm_template`` (resolution 1) return them.
+
+    The files bundled in the nilearn wheel are read with nibabel, which spares nilearn's import (and its version
+    checks of scikit-learn and friends); if a nilearn release moved them, its functions are used.
+    """
+    folder = os.path.join(_nilearn_folder(), "datasets", "data")
+    paths = [os.path.join(folder, f) for f in MNI_FILES]
+    if all(os.path.isfile(p) for p in paths):
+        import nibabel as nib
+
+        images = [nib.load(p) for p in paths]
+        vols = [np.asarray(im.get_fdata(dtype=np.float32)) for im in images]
+        affine = images[0].affine
+    else:
+        try:
+            import nilearn.datasets as nd
+        except ImportError as e:
+            raise AliceError(f"--source mni needs nilearn ({e}): install it with 'pip install nilearn'") from None
+        images = [nd.load_mni152_template(resolution=1), nd.load_mni152_gm_template(resolution=1),
+                  nd.load_mni152_wm_template(resolution=1)]
+        vols = [np.asarray(im.get_fdata(dtype=np.float32)) for im in images]
+        affine = images[0].affine
+    return (*[v / np.float32(v.max()) for v in vols], np.asarray(affine, dtype=float))
 
 
 def mni_anatomy_labels(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, ras_affine: np.ndarray) -> np.ndarray:
@@ -218,19 +253,15 @@ def mni_anatomy_labels(t1: np.ndarray, gm: np.ndarray, wm: np.ndarray, ras_affin
 
 def _load_mni() -> DemoSource:
     """The nilearn MNI152 T1 with its ``tissue`` and ``anatomy`` labels (module docstring)."""
-    nd = _require_nilearn()
-    t1 = nd.load_mni152_template(resolution=1)
-    gm = np.asarray(nd.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32))
-    wm = np.asarray(nd.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32))
-    t1_arr = np.asarray(t1.get_fdata(dtype=np.float32))
+    t1_arr, gm, wm, ras_affine = _mni_volumes()
     brain = t1_arr > MNI_BRAIN_THRESHOLD
     tissue_lab = np.zeros(t1_arr.shape, np.uint8)
     tissue_lab[brain & (gm >= MNI_TISSUE_THRESHOLD) & (gm >= wm)] = 1
     tissue_lab[brain & (wm >= MNI_TISSUE_THRESHOLD) & (wm > gm)] = 2
-    anatomy_lab = mni_anatomy_labels(t1_arr, gm, wm, t1.affine)
+    anatomy_lab = mni_anatomy_labels(t1_arr, gm, wm, ras_affine)
     hull = ndi.gaussian_filter((anatomy_lab > 0).astype(np.float32), 1.0)
     csf = np.clip(1.0 - gm - wm, 0.0, 1.0) * hull
-    affine = RAS_TO_LPS @ t1.affine
+    affine = RAS_TO_LPS @ ras_affine
     deformation = ("random affine, two-scale elastic deformation and ventricle size change, per-tissue contrast, "
                    "bias field, gamma, Rician noise, field of view")
     return DemoSource(
