@@ -1,6 +1,6 @@
-"""Build script of nnunet-alice (setuptools).
+"""Install hook of nnunet-alice (metadata and tool settings: pyproject.toml).
 
-Besides the usual metadata it ships a top-level start-up hook,
+It ships a top-level start-up hook,
 ``nnunet_alice.pth`` (one line: ``import nnunet_alice._bootstrap``), into
 site-packages, so that nnU-Net finds the Alice trainers without any setup:
 
@@ -20,12 +20,11 @@ import base64
 import glob
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 import zipfile
 
-from setuptools import find_packages, setup
+from setuptools import setup
 from setuptools.command.build_py import build_py
 from setuptools.command.develop import develop
 from setuptools.command.sdist import sdist
@@ -43,24 +42,6 @@ PTH_SOURCE = os.path.join(HERE, PTH_NAME)
 # package is gone (a plain import would print an error at every start-up).
 GUARDED_PTH_LINE = ('import sys; exec("try:\\n import nnunet_alice._bootstrap\\n'
                     'except Exception:\\n pass")\n')
-
-
-def read_version() -> str:
-    """``__version__`` of nnunet_alice/__init__.py, read without importing it."""
-    with open(os.path.join(HERE, "nnunet_alice", "__init__.py"), encoding="utf-8") as f:
-        match = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", f.read(), re.M)
-    if not match:
-        raise RuntimeError("__version__ not found in nnunet_alice/__init__.py")
-    return match.group(1)
-
-
-def read_long_description() -> str:
-    """README.md text if present (empty otherwise)."""
-    path = os.path.join(HERE, "README.md")
-    if not os.path.isfile(path):
-        return ""
-    with open(path, encoding="utf-8") as f:
-        return f.read()
 
 
 def pth_bytes() -> bytes:
@@ -186,41 +167,5 @@ if editable_wheel is not None:
     CMDCLASS["editable_wheel"] = EditableWheelWithPth
 
 
-setup(
-    name="nnunet-alice",
-    version=read_version(),
-    description="Alice self-supervised pretraining for nnU-Net v2",
-    long_description=read_long_description(),
-    long_description_content_type="text/markdown",
-    packages=find_packages(include=["nnunet_alice", "nnunet_alice.*"]),
-    package_data={"nnunet_alice": ["_ext/*.py"]},
-    python_requires=">=3.10",
-    install_requires=[
-        "nnunetv2>=2.8.0,<2.9",
-        "torch",  # unpinned on purpose: GPU users keep their own build
-        "numpy",
-        "SimpleITK",
-        "batchgenerators",
-        "batchgeneratorsv2",
-        "dynamic-network-architectures",
-        "blosc2",
-        "matplotlib",
-        "tqdm",
-        "scipy",
-    ],
-    extras_require={"test": ["pytest", "pytest-timeout"], "demo": ["nilearn"]},
-    entry_points={
-        "console_scripts": [
-            "alice_pretrain=nnunet_alice.pretrain.cli:main",
-            "alice_embed=nnunet_alice.pretrain.matching.embedding.cli:main",
-            "alice_synth_data=nnunet_alice.tools.synthetic:main",
-            "alice_demo_data=nnunet_alice.tools.demo_data:main",
-            "alice_benchmark=nnunet_alice.tools.benchmark:main",
-            "alice_doctor=nnunet_alice.tools.doctor:main",
-            "alice_probe=nnunet_alice.tools.probe:main",
-            "nnunet_alice_ext_path=nnunet_alice.discovery:main",
-        ]
-    },
-    cmdclass=CMDCLASS,
-    zip_safe=False,
-)
+# every other setting lives in pyproject.toml; this file only adds the start-up hook to the builds
+setup(cmdclass=CMDCLASS)

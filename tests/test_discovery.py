@@ -217,7 +217,7 @@ def project_copy(tmp_path_factory):
     """Throw-away copy of the project with a stand-in nnunet_alice.trainers."""
     dst = tmp_path_factory.mktemp("project") / "src"
     dst.mkdir()
-    for name in ("setup.py", "nnunet_alice.pth", "README.md"):
+    for name in ("setup.py", "pyproject.toml", "nnunet_alice.pth", "README.md"):
         if (REPO / name).exists():
             shutil.copy2(REPO / name, dst / name)
     shutil.copytree(REPO / "nnunet_alice", dst / "nnunet_alice",
