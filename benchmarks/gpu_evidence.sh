@@ -71,7 +71,8 @@ say "gpu_evidence: dry=$DRY device=$DEVICE work=$WORK out=$OUTDIR deadline=${DEA
 # ---------------------------------------------------------------------------------------------- 1. software
 if ! "$PY" -c "import nnunetv2" 2>/dev/null; then
     WHEELS=${GPU_EVIDENCE_WHEELS:-$REPO/.gpu_wheels/wheels}
-    ls "$WHEELS"/*.whl >/dev/null 2>&1 || fail "nnunetv2 is not installed and there are no wheels in $WHEELS (run --prepare)"
+    ls "$WHEELS"/*.whl >/dev/null 2>&1 \
+        || fail "nnunetv2 is not installed and there are no wheels in $WHEELS (run --prepare)"
     say "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$WHEELS"/*.whl \
         || fail "pip install from $WHEELS"
@@ -119,13 +120,15 @@ say "demo data: $(cat "$WORK/demo_data.txt")"
 BUDGET=${GPU_EVIDENCE_BUDGET:-}
 if [ -z "$BUDGET" ]; then
     if [ "$DRY" = 1 ]; then BUDGET=tiny
-    else BUDGET=$("$PY" -c "from nnunet_alice.tools.bench_config import BUDGETS; print('gpu15' if 'gpu15' in BUDGETS else 'large')")
+    else BUDGET=$("$PY" -c "from nnunet_alice.tools.bench_config import BUDGETS as B; print('gpu15' if 'gpu15' in B else 'large')")
     fi
 fi
 bench_dir() { echo "$WORK/bench_$1"; }
 # alice_benchmark's own set-up (plan, preprocessing, initial weights) once, in the alice arm's folder; copied to the
 # other arms below, so that every arm has the very same plans, data and initial weights
-PREP=$("$PY" - "$DID" "$BUDGET" "$DEVICE" "$(bench_dir alice)" $SEEDS <<'EOF' | tee "$WORK/prep.txt" | grep '^PREP ' | cut -c6-
+# shellcheck disable=SC2086
+PREP=$("$PY" - "$DID" "$BUDGET" "$DEVICE" "$(bench_dir alice)" $SEEDS <<'EOF' | tee "$WORK/prep.txt" \
+    | grep '^PREP ' | cut -c6-
 import json, sys
 from nnunet_alice.tools.bench_config import get_budget
 from nnunet_alice.tools.benchmark import Benchmark
@@ -141,7 +144,10 @@ print("PREP " + json.dumps({"pre_root": b.pre_root, "plans": b.plans, "dataset":
 EOF
 )
 [ -n "$PREP" ] || { tail -20 "$WORK/prep.txt"; fail "plan and preprocess"; }
-field() { "$PY" -c "import json, sys; v = json.loads(sys.argv[1])[sys.argv[2]]; print(' '.join(v) if isinstance(v, list) else v)" "$PREP" "$1"; }
+field() {
+    "$PY" -c "import json, sys; v = json.loads(sys.argv[1])[sys.argv[2]]; print(' '.join(v) if isinstance(v, list) else v)" \
+        "$PREP" "$1"
+}
 PRE_ROOT=$(field pre_root); PLANS=$(field plans); DATASET=$(field dataset); RAW=$(field raw)
 PRE_ARGS=$(field pretrain_args)
 say "planned: $DATASET $PLANS (budget $BUDGET) in $PRE_ROOT"

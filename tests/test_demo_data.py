@@ -351,7 +351,8 @@ def test_t2_fraction_makes_t2_like_subjects(tmp_path):
     a = _arrays(folder, "imagesTr")["mni_tr000_0000.nii.gz"].astype(float)
     l = _arrays(folder, "labelsTr")["mni_tr000.nii.gz"]
     names = LABELS["mni"]
-    assert a[l == names["ventricles"]].mean() > a[l == names["frontal_gm"]].mean() > a[l == names["white_matter"]].mean()
+    csf, gm, wm = (a[l == names[k]].mean() for k in ("ventricles", "frontal_gm", "white_matter"))
+    assert csf > gm > wm  # T2-like: CSF bright, white matter dark
 
 
 def test_task_and_contrast_errors(tmp_path):

@@ -6,8 +6,8 @@ physical LPS millimetres (the frame of SimpleITK and nnU-Net).
 
 ``mni``
     The MNI ICBM152 2009c symmetric T1 average bundled in the nilearn wheel (the files behind ``load_mni152_*``,
-    read with nibabel; the ``fetch_*`` functions download and are never used), 197x233x189 voxels at 1 mm, skull-stripped, intensities 0..1, with
-    its grey/white matter probability maps. Two label sets:
+    read with nibabel; the ``fetch_*`` functions download and are never used), 197x233x189 voxels at 1 mm,
+    skull-stripped, intensities 0..1, with its grey/white matter probability maps. Two label sets:
 
     ``tissue`` - 0 background, 1 grey matter (GM), 2 white matter (WM): inside the brain mask (T1 > 0.2, the rule
     of ``nilearn.datasets.load_mni152_brain_mask``) a voxel is GM if p(GM) >= 0.5 and p(GM) >= p(WM), WM if
