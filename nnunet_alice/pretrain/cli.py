@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-weights", metavar="FILE", help="start from these initial weights (every tensor but the "
                    "output layers), e.g. the draw a from-scratch baseline starts from (alice_benchmark writes them)")
     t.add_argument("--num-workers", type=int, help="data workers (default: $nnUNet_n_proc_DA or CPUs-1)")
+    t.add_argument("--data-timeout", type=float, default=d.data_timeout,
+                   help="stop with an error when no batch arrives for this many seconds")
     t.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA only)")
     t.add_argument("--save-every", type=int, default=d.save_every, help="steps between checkpoint_latest.pth")
     t.add_argument("--log-every", type=int, default=d.log_every)

@@ -89,6 +89,7 @@ class PretrainConfig:
     init_weights: Optional[str] = None  # start from these weights (a file of nnunet_alice.trainers.init_weights)
     device: str = "cuda"
     num_workers: Optional[int] = None  # None: nnUNet_n_proc_DA or a CPU-count default
+    data_timeout: float = 900.0        # seconds without a batch before the run stops with an error
     save_every: int = 250
     log_every: int = 10
     compile: bool = False
@@ -131,6 +132,8 @@ class PretrainConfig:
             bad(f"--match-threshold must be in [-1, 1] (scores are correlations/cosines), got {self.match_threshold}")
         if self.match_tries < 1:
             bad(f"--match-tries must be >= 1, got {self.match_tries}")
+        if not self.data_timeout > 0:
+            bad(f"--data-timeout must be > 0 seconds, got {self.data_timeout}")
         if self.batch_size is not None and self.batch_size < 1:
             bad(f"--batch-size must be >= 1, got {self.batch_size}")
         self._validate_teacher(bad)

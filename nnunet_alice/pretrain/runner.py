@@ -322,7 +322,8 @@ class PretrainRun:
         self.log.history = list(self.history)
         self.log.line(f"alice_pretrain {cfg.objective} on {self.data.dataset_name} {cfg.plans} {cfg.configuration}: "
                       f"{len(self.data.cases)} cases, patch {cfg.patch_size}, batch {cfg.batch_size} "
-                      f"({self.world} process(es)), {self.total_steps} steps, device {self.device}", echo=True)
+                      f"({self.world} process(es)), {self.total_steps} steps, device {self.device}, "
+                      f"{self.num_workers} data worker(s)", echo=True)
         stale = self.checkpointer.remove_stale_temp_files()
         if stale:
             self.notes.append(f"removed {len(stale)} half-written checkpoint file(s) of an interrupted run")
@@ -337,7 +338,7 @@ class PretrainRun:
                 torch.cuda.set_rng_state_all(self.rng_state[1])
             self.rng_state = None
         monitor = CollapseMonitor(cfg.head_out_dim) if cfg.objective == "alice" else None
-        loader = make_loader(self.sampler, self.num_workers, cfg.seed)
+        loader = make_loader(self.sampler, self.num_workers, cfg.seed, timeout=cfg.data_timeout)
         self.objective.train()
         window = []
         try:
@@ -375,8 +376,7 @@ class PretrainRun:
             raise
         finally:
             self.log.close()
-            if hasattr(loader, "_finish"):
-                loader._finish()
+            loader.close()
         return self.checkpointer.path(FINAL)
 
     def _summarise(self, step: int, window) -> dict:
