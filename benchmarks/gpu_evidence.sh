@@ -57,12 +57,12 @@ SEEDS=${GPU_EVIDENCE_SEEDS:-0}
 if [ "$DRY" = 1 ]; then
     LABELS=${GPU_EVIDENCE_LABELS:-1}   # the plumbing; 'all' adds three cells of the same kind
     DEVICE=cpu; DEADLINE=${GPU_EVIDENCE_SECONDS:-1200}
-    DATA_ARGS="--num-train 2 --num-test 1 --num-unlabeled 2 --spacing 5"
+    DATA_ARGS="--num-train 2 --num-test 1 --num-unlabeled 2 --spacing 5 --workers 2"
     EPOCHS=${GPU_EVIDENCE_EPOCHS:-1}; FT_SECONDS=${GPU_EVIDENCE_FT_SECONDS:-5}; EST_STEPS=1; MAX_STEPS=2
 else
     LABELS=${GPU_EVIDENCE_LABELS:-1 all}
     DEVICE=cuda; DEADLINE=${GPU_EVIDENCE_SECONDS:-540}
-    DATA_ARGS=""   # the defaults: 8 train, 8 test, 64 unlabeled, 2 mm
+    DATA_ARGS="--workers 12"   # the defaults: 8 train, 8 test, 64 unlabeled, 2 mm
     EPOCHS=${GPU_EVIDENCE_EPOCHS:-10}; FT_SECONDS=${GPU_EVIDENCE_FT_SECONDS:-40}; EST_STEPS=3; MAX_STEPS=25000
     export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-4}   # per arm: three arms share the machine's CPUs
 fi

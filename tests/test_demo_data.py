@@ -150,6 +150,11 @@ def test_determinism_by_seed(tmp_path):
     d = _make(tmp_path / "d", "mni", seed=3, num_train=3, num_test=0, num_unlabeled=1)
     for k, v in _arrays(a, "imagesUnlabeled").items():
         assert np.array_equal(v, _arrays(d, "imagesUnlabeled")[k])
+    # ... and not on how many processes make the subjects
+    e = _make(tmp_path / "e", "mni", seed=3, num_test=0, num_unlabeled=1, workers=2)
+    for sub in ("imagesTr", "labelsTr", "imagesUnlabeled"):
+        xa, xe = _arrays(a, sub), _arrays(e, sub)
+        assert xa.keys() == xe.keys() and all(np.array_equal(xa[k], xe[k]) for k in xa)
 
 
 @needs_mni
@@ -216,7 +221,7 @@ def test_cli_needs_an_output(monkeypatch, capsys):
 
 
 def test_bad_arguments_are_alice_errors(tmp_path):
-    for kw in (dict(spacing=0), dict(dataset_id=1000), dict(num_train=0), dict(seed=-1)):
+    for kw in (dict(spacing=0), dict(dataset_id=1000), dict(num_train=0), dict(seed=-1), dict(workers=0)):
         args = dict(output_root=str(tmp_path), source="mni", spacing=SPACING)
         args.update(kw)
         with pytest.raises(AliceError):

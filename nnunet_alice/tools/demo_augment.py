@@ -239,6 +239,11 @@ class Subject:
     contrast: str
 
 
+def uses_tissue(src: DemoSource, var: Variation) -> bool:
+    """Whether subjects of ``src`` with ``var`` are made from the tissue maps (MR contrast changes)."""
+    return src.channel_name != "CT" and src.tissue is not None and (var.tissue_jitter > 0 or var.t2_fraction > 0)
+
+
 def make_subject(src: DemoSource, spacing, rng: np.random.Generator, task: str = "tissue",
                  variation: Optional[Variation] = None) -> Subject:
     """One synthetic subject of ``task`` (module docstring); ``variation`` defaults to the task's ranges."""
@@ -247,7 +252,7 @@ def make_subject(src: DemoSource, spacing, rng: np.random.Generator, task: str =
     transform = random_transform(grid, rng, var, src.centre)
     is_mr = src.channel_name != "CT"
     weights, contrast = None, src.channel_name
-    if is_mr and src.tissue is not None and (var.tissue_jitter > 0 or var.t2_fraction > 0):
+    if uses_tissue(src, var):
         weights, contrast = mr_contrast(rng, var)
     img, lab = resample(src, task, transform, weights)
     arr = mr_intensities(img, rng) if is_mr else ct_intensities(img, rng)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ import time
 import numpy as np
 
 from nnunet_alice.errors import AliceError, cli_main
-from nnunet_alice.tools.demo_augment import VARIATIONS, make_subject
+from nnunet_alice.tools.demo_augment import VARIATIONS, make_subject, uses_tissue
 from nnunet_alice.tools.demo_sources import RAS_TO_LPS, SOURCES, TASKS, load_source
 
 DEFAULT_DATASET_ID = 990
@@ -154,20 +155,24 @@ def make_demo_dataset(output_root: str, dataset_id: int = DEFAULT_DATASET_ID, na
                       source: str = "mni", num_train: int = DEFAULT_COUNTS["train"],
                       num_test: int = DEFAULT_COUNTS["test"], num_unlabeled: int = DEFAULT_COUNTS["unlabeled"],
                       seed: int = 0, spacing=2.0, *, task: str | None = None, t2_fraction: float = 0.0,
-                      overwrite: bool = False, ct_path: str | None = None, verbose: bool = False) -> str:
+                      overwrite: bool = False, ct_path: str | None = None, verbose: bool = False,
+                      workers: int = 1) -> str:
     """Write the demo dataset and return its folder ``<output_root>/Dataset<ID>_<name>``.
 
     ``task`` is ``anatomy`` (default for mni) or ``tissue``; ``name`` defaults to ``AliceDemoAnatomy`` /
     ``AliceDemoMNI`` / ``AliceDemoCT``; ``spacing`` is one number (isotropic) or three (x, y, z mm);
     ``t2_fraction`` makes that share of MR subjects T2-like; ``ct_path`` overrides the location of
-    ``Cranium.inv3``. Raises ``AliceError`` for bad input, a missing source (with the install command), or an
-    existing dataset when ``overwrite`` is false.
+    ``Cranium.inv3``; ``workers`` > 1 makes the subjects in that many forked processes (the same data). Raises
+    ``AliceError`` for bad input, a missing source (with the install command), or an existing dataset when
+    ``overwrite`` is false.
     """
     task = resolve_task(source, task) if source in SOURCES else task
     name = name or DEFAULT_NAMES.get((source, task), "AliceDemo")
     counts = {"train": int(num_train), "test": int(num_test), "unlabeled": int(num_unlabeled)}
     t2_fraction = float(t2_fraction)
     _check_args(output_root, dataset_id, name, source, counts, seed, t2_fraction)
+    if not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise AliceError(f"--workers must be a positive integer, got {workers}")
     spacing = _spacing3(spacing)
     variation = dataclasses.replace(VARIATIONS[task], t2_fraction=t2_fraction)
     src = load_source(source, ct_path)  # raises before anything is written
@@ -180,28 +185,61 @@ def make_demo_dataset(output_root: str, dataset_id: int = DEFAULT_DATASET_ID, na
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset should not be
+        jobs = []
         for split, n in counts.items():
-            img_dir, lab_dir, _, code = SPLITS[split]
+            img_dir, lab_dir, _, _ = SPLITS[split]
             os.makedirs(os.path.join(tmp, img_dir))
             if lab_dir:
                 os.makedirs(os.path.join(tmp, lab_dir))
-            for i, case in enumerate(case_ids(source, split, n)):
-                rng = np.random.default_rng([int(seed), code, i])
-                subject = make_subject(src, spacing, rng, task, variation)
-                affine = subject.grid.affine
-                write_nifti(subject.image, affine, os.path.join(tmp, img_dir, f"{case}_0000{FILE_ENDING}"))
-                if lab_dir:
-                    write_nifti(subject.labels, affine, os.path.join(tmp, lab_dir, case + FILE_ENDING))
-                if verbose:
-                    print(f"  {split:9s} {case}  {'x'.join(map(str, subject.grid.size))}  {subject.contrast}",
-                          flush=True)
+            jobs += [(split, i, case) for i, case in enumerate(case_ids(source, split, n))]
+        _JOB.update(src=src, spacing=spacing, task=task, variation=variation, seed=int(seed), tmp=tmp)
+        for split, case, size, contrast in _map(_make_case, jobs, workers):
+            if verbose:
+                print(f"  {split:9s} {case}  {'x'.join(map(str, size))}  {contrast}", flush=True)
         with open(os.path.join(tmp, "dataset.json"), "w") as f:
             json.dump(_dataset_json(src, task, name, seed, spacing, counts, variation), f, indent=2)
         _replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _JOB.clear()
     return target
+
+
+#: What every subject of the dataset being written shares; set before worker processes are forked, so that they
+#: inherit the loaded (and pre-smoothed) source instead of receiving it pickled.
+_JOB: dict = {}
+
+
+def _make_case(job) -> tuple:
+    """Make and write subject ``i`` of ``split`` (its own random stream, see the module docstring)."""
+    split, i, case = job
+    img_dir, lab_dir, _, code = SPLITS[split]
+    rng = np.random.default_rng([_JOB["seed"], code, i])
+    subject = make_subject(_JOB["src"], _JOB["spacing"], rng, _JOB["task"], _JOB["variation"])
+    affine = subject.grid.affine
+    write_nifti(subject.image, affine, os.path.join(_JOB["tmp"], img_dir, f"{case}_0000{FILE_ENDING}"))
+    if lab_dir:
+        write_nifti(subject.labels, affine, os.path.join(_JOB["tmp"], lab_dir, case + FILE_ENDING))
+    return split, case, subject.grid.size, subject.contrast
+
+
+def _map(func, jobs, workers: int):
+    """``func`` over ``jobs`` in order, in this process or in ``workers`` forked processes (same results: every
+    subject has its own random stream)."""
+    if workers <= 1 or len(jobs) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        yield from map(func, jobs)
+        return
+    src = _JOB["src"]
+    src.channels_for_spacing(_JOB["spacing"], with_tissue=uses_tissue(src, _JOB["variation"]))  # once, shared
+    pool = multiprocessing.get_context("fork").Pool(min(int(workers), len(jobs)))
+    try:
+        yield from pool.imap(func, jobs)
+        pool.close()
+    finally:
+        pool.terminate()
+        pool.join()
 
 
 def _replace(tmp: str, target: str) -> None:
@@ -262,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder that receives Dataset<ID>_<Name> (default: $nnUNet_raw)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset of the same id and name")
     p.add_argument("--ct-file", default=None, help="path of Cranium.inv3 (default: the Debian package's path)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes making subjects in parallel (the data do not depend on it). Default: 1")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the dataset folder")
     return p
 
@@ -277,7 +317,7 @@ def main(argv=None) -> int:
     folder = make_demo_dataset(
         output, args.dataset_id, args.name, args.source, args.num_train, args.num_test, args.num_unlabeled,
         args.seed, args.spacing, task=args.task, t2_fraction=args.t2_fraction, overwrite=args.overwrite,
-        ct_path=args.ct_file, verbose=not args.quiet,
+        ct_path=args.ct_file, verbose=not args.quiet, workers=args.workers,
     )
     if args.quiet:
         print(folder)
