@@ -20,19 +20,17 @@ import torch
 
 from nnunet_alice.errors import AliceError, RunStopped, os_error_message
 from nnunet_alice.pretrain import distributed as dist_utils
+from nnunet_alice.paths import PRETRAIN, results_folder
 from nnunet_alice.pretrain.logging_utils import RunLog
 
-PRETRAIN_PREFIX = "AlicePretrain"
+PRETRAIN_PREFIX = PRETRAIN
 LATEST = "checkpoint_latest.pth"
 PREVIOUS = "checkpoint_latest.prev.pth"
 FINAL = "checkpoint_final.pth"
 
 
 def pretrain_output_folder(dataset_name: str, plans: str, configuration: str) -> str:
-    root = os.environ.get("nnUNet_results")
-    if not root:
-        raise AliceError("environment variable nnUNet_results is not set")
-    return os.path.join(root, dataset_name, f"{PRETRAIN_PREFIX}__{plans}__{configuration}")
+    return results_folder(PRETRAIN_PREFIX, dataset_name, plans, configuration)
 
 
 def check_output_files(folder: str) -> None:
@@ -73,7 +71,8 @@ def finite_or_raise(total: torch.Tensor, terms: Dict[str, torch.Tensor], step: i
         return
     bad = [k for k, v in terms.items() if not torch.isfinite(v).all()] or ["total"]
     kept = f"; last good checkpoint kept: {last_good}" if last_good else "; no checkpoint was written yet"
-    raise AliceError(f"non-finite loss at step {step}: term {bad[0]} = {float(terms.get(bad[0], total).detach())}{kept}")
+    value = float(terms.get(bad[0], total).detach())
+    raise AliceError(f"non-finite loss at step {step}: term {bad[0]} = {value}{kept}")
 
 
 # ---------------------------------------------------------------------------------------------- stop requests

@@ -41,8 +41,10 @@ def in_load_scope(key: str, scope: str) -> bool:
 
 
 def convention_path(dataset_name: str, plans_name: str, configuration: str) -> str:
+    from nnunet_alice.paths import PRETRAIN, results_folder
+
     root = os.environ.get("nnUNet_results", "")
-    return os.path.join(root, dataset_name, f"AlicePretrain__{plans_name}__{configuration}", "checkpoint_final.pth")
+    return os.path.join(results_folder(PRETRAIN, dataset_name, plans_name, configuration, root), "checkpoint_final.pth")
 
 
 def find_pretrained_checkpoint(plans: dict, configuration: str) -> Optional[str]:

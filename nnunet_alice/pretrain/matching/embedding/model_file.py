@@ -19,21 +19,17 @@ import torch
 from nnunet_alice import __version__
 from nnunet_alice.checkpoint import load_checkpoint, network_state_dict, save_checkpoint, sha256_of_file
 from nnunet_alice.errors import AliceError
+from nnunet_alice.paths import EMBEDDING, results_folder
 from nnunet_alice.pretrain.matching.embedding.network import AnatomicalEmbeddingNet
 
 FORMAT_NAME = "nnunet_alice.embedding"
 FORMAT_VERSION = 1
-MODEL_DIR_PREFIX = "AliceEmbed"
+MODEL_DIR_PREFIX = EMBEDDING
 MODEL_FILE = "checkpoint_final.pth"
 
 
 def model_dir(dataset_name: str, plans: str, configuration: str, results_root: str | None = None) -> str:
-    if results_root is None:
-        results_root = os.environ.get("nnUNet_results")
-        if not results_root:
-            raise AliceError("environment variable nnUNet_results is not set (the embedding model is stored "
-                             "under $nnUNet_results/<Dataset>/AliceEmbed__<plans>__<configuration>/)")
-    return os.path.join(results_root, dataset_name, f"{MODEL_DIR_PREFIX}__{plans}__{configuration}")
+    return results_folder(MODEL_DIR_PREFIX, dataset_name, plans, configuration, results_root)
 
 
 def model_path(dataset_name: str, plans: str, configuration: str, results_root: str | None = None) -> str:
