@@ -256,3 +256,21 @@ def test_checkpoint_of_a_spark_run_loads_into_nnunets_planned_network(cls, tmp_p
 def test_bad_masking_is_one_line():
     with pytest.raises(AliceError, match="--masking must be one of"):
         PretrainConfig(masking="sparse").validate()
+
+
+@pytest.mark.parametrize("masking", ["spark", "zero"])
+def test_alice_reconstruction_term_uses_the_clean_targets_on_masked_voxels(masking):
+    from alice_fixtures import alice_batch, schedules_for, tiny_config, tiny_network
+    from nnunet_alice.pretrain.objective_alice import AliceObjective
+
+    cfg = tiny_config(masking=masking)
+    obj = AliceObjective(tiny_network(), cfg, schedules_for(cfg))
+    assert "mim" in obj.student_modules() and bool(len(obj.mim.mask_tokens)) == (masking == "spark")
+    batch = alice_batch(2, ratio=0.5)
+    clean = {"target_q": batch["student_q"] + 1.0, "target_k": batch["student_k"] - 1.0}
+    with torch.no_grad():
+        rec = {name: float(obj(dict(batch, **extra), 0)[1]["recon"]) for name, extra in [
+            ("view", {}), ("clean", clean),
+            ("clean_moved_visible", {k: v + 3.0 * (1 - batch["mask" + k[-2:]]) for k, v in clean.items()})]}
+    assert rec["clean"] != pytest.approx(rec["view"])
+    assert rec["clean_moved_visible"] == pytest.approx(rec["clean"], rel=1e-6)
