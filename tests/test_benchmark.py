@@ -90,8 +90,8 @@ class FakeRunner:
             os.makedirs(_arg(argv, "-o"))
         elif tool == "nnUNetv2_evaluate_folder":
             dice = 0.5 if env["nnUNet_alice_pretrained"] == "none" else 0.6
-            Path(_arg(argv, "-o")).write_text(json.dumps({"foreground_mean": {"Dice": dice},
-                                                          "mean": {"1": {"Dice": dice - 0.1}, "2": {"Dice": dice + 0.1}}}))
+            per_class = {"1": {"Dice": dice - 0.1}, "2": {"Dice": dice + 0.1}}
+            Path(_arg(argv, "-o")).write_text(json.dumps({"foreground_mean": {"Dice": dice}, "mean": per_class}))
         return 0, "ok"
 
 
@@ -205,7 +205,8 @@ def test_resume_skips_finished_cells(fake_env):
 
 def test_failing_cell_is_reported_without_losing_the_others(fake_env):
     def fail(argv, env):
-        return argv[0] == "nnUNetv2_train" and env["nnUNet_results"].endswith("alice") and env["ALICE_BENCH_SEED"] == "1" \
+        return argv[0] == "nnUNetv2_train" and env["nnUNet_results"].endswith("alice") \
+            and env["ALICE_BENCH_SEED"] == "1" \
             and argv[3] == "1"
 
     runner = FakeRunner(fail)

@@ -10,13 +10,16 @@ import pytest
 import torch
 
 from alice_sandbox import TINY_PLANS
-from alice_trainer_utils import make_trainer, synthetic_batch, trainer_box, write_malicious_checkpoint  # noqa: F401
+import alice_trainer_utils
+from alice_trainer_utils import make_trainer, synthetic_batch, write_malicious_checkpoint
 from nnunet_alice.pretrain.model import unwrap
 from nnunet_alice.trainers import (nnUNetTrainerAlice, nnUNetTrainerAlice_150epochs, nnUNetTrainerAlice_encLR_tiny,
                                    nnUNetTrainerAlice_frozenEncoder, nnUNetTrainerAlice_frozenEncoder_tiny,
                                    nnUNetTrainerAlice_sawtooth, nnUNetTrainerAlice_sawtooth_tiny,
                                    nnUNetTrainerAlice_tiny)
 from nnunet_alice.trainers.recipe import PerIterationLR, warmup_iterations, warmup_poly
+
+trainer_box = alice_trainer_utils.trainer_box  # the module-scoped fixture, found by pytest by this name
 
 NEW = ["nnUNetTrainerAlice_150epochs", "nnUNetTrainerAlice_sawtooth", "nnUNetTrainerAlice_sawtooth_150epochs",
        "nnUNetTrainerAlice_sawtooth_tiny", "nnUNetTrainerAlice_frozenEncoder", "nnUNetTrainerAlice_frozenEncoder_tiny",

@@ -5,13 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alice_trainer_utils import make_trainer, trainer_box  # noqa: F401
+import alice_trainer_utils
+from alice_trainer_utils import make_trainer
 from conftest import PLAIN_CLASS, tiny_arch_kwargs, tiny_metadata
 from nnunet_alice.checkpoint import make_payload, network_state_dict, save_checkpoint
 from nnunet_alice.compat import SEG_LAYER_TAG
 from nnunet_alice.errors import AliceError
 from nnunet_alice.pretrain.model import unwrap
 from nnunet_alice.trainers.pretrained import in_load_scope, load_pretrained_into
+
+trainer_box = alice_trainer_utils.trainer_box  # the module-scoped fixture, found by pytest by this name
 
 
 def _save(tmp_path, net):

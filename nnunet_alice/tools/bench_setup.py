@@ -78,7 +78,9 @@ class BenchSetup:
         self._test_sets()
 
     def _cases(self, folder: str) -> List[str]:
-        return [] if not os.path.isdir(folder) else sorted(f[:-len(self.ending)] for f in os.listdir(folder) if f.endswith(self.ending))
+        if not os.path.isdir(folder):
+            return []
+        return sorted(f[:-len(self.ending)] for f in os.listdir(folder) if f.endswith(self.ending))
 
     def _test_sets(self) -> None:
         """imagesTs/labelsTs when both hold cases, else ``--holdout`` training cases linked into ``<out>/holdout``."""

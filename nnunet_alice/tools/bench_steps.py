@@ -2,7 +2,8 @@
 log and resume them): ``init`` writes a seed's initial weights, ``probe`` runs the linear probe of a checkpoint.
 
     python -m nnunet_alice.tools.bench_steps init  -d ID -p PLANS -c CONFIG --seed S -o FILE
-    python -m nnunet_alice.tools.bench_steps probe -d ID -p PLANS -c CONFIG --checkpoint FILE --labels N --seed S -o FILE
+    python -m nnunet_alice.tools.bench_steps probe -d ID -p PLANS -c CONFIG --checkpoint FILE --labels N --seed S \
+        -o FILE
 
 Both read ``$nnUNet_preprocessed`` (the benchmark's own). ``probe`` needs ``nnunet_alice.tools.probe``.
 """

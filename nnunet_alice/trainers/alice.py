@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -44,7 +44,7 @@ class nnUNetTrainerAlice(nnUNetTrainer):
         with self.refusals():
             self.initial_lr, self.lr_source = peak_lr(self.plans_manager.plans)
             self.load_scope, self.load_scope_source = load_scope(self.plans_manager.plans)
-        self.alice_checkpoint = None
+        self.alice_checkpoint: Optional[str] = None
         self.alice_tensors_loaded = 0
 
     # ------------------------------------------------------------------ refusals
@@ -175,9 +175,10 @@ class nnUNetTrainerAlice(nnUNetTrainer):
         with self.refusals():
             if not self.was_initialized:
                 self.initialize()
-            checkpoint = filename_or_checkpoint
             if isinstance(filename_or_checkpoint, str):
                 checkpoint = load_training_checkpoint(filename_or_checkpoint, map_location=self.device)
+            else:
+                checkpoint = filename_or_checkpoint
             net = unwrap(self.network)
             own = net.state_dict()
             weights = {(k[7:] if k not in own and k.startswith("module.") else k): v
@@ -186,14 +187,15 @@ class nnUNetTrainerAlice(nnUNetTrainer):
             self.current_epoch = checkpoint["current_epoch"]
             self.logger.load_checkpoint(checkpoint["logging"])
             self._best_ema = checkpoint["_best_ema"]
-            self.inference_allowed_mirroring_axes = checkpoint.get("inference_allowed_mirroring_axes",
-                                                                   self.inference_allowed_mirroring_axes)
+            if "inference_allowed_mirroring_axes" in checkpoint:
+                self.inference_allowed_mirroring_axes = checkpoint["inference_allowed_mirroring_axes"]
             net.load_state_dict(weights)
             try:
                 self.optimizer.load_state_dict(checkpoint["optimizer_state"])
             except (ValueError, KeyError) as e:
-                raise AliceError(f"{filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'checkpoint'}"
-                                 f": optimizer state does not fit this trainer's parameter groups ({e})") from None
+                name = filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "checkpoint"
+                raise AliceError(f"{name}: optimizer state does not fit this trainer's parameter groups "
+                                 f"({e})") from None
             if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
                 self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
 

@@ -97,7 +97,7 @@ def load_pretrained_into(network: torch.nn.Module, path: str, network_class_name
         if diffs:
             raise AliceError(f"{path}: checkpoint does not fit this plan: {summarize(diffs)}")
     target = net.state_dict()
-    source, adapted = ckpt["network_weights"], []
+    source, adapted = ckpt["network_weights"], []  # type: ignore[var-annotated]
     if adapting:
         source, adapted = adapt(source, target, in_proj)
     missing, unexpected, shapes = state_dict_differences(source, target)
@@ -137,6 +137,6 @@ def load_training_checkpoint(path: str, map_location=None) -> dict:
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
     allowed.append(scalar)
     return safe_torch_load(path, map_location, allowed_globals=allowed)

@@ -21,6 +21,8 @@ DDP, momentum dropped when it is unfrozen).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from nnunet_alice.pretrain.model import unwrap
@@ -28,9 +30,11 @@ from nnunet_alice.trainers.alice import nnUNetTrainerAlice, nnUNetTrainerAlice_t
 from nnunet_alice.trainers.recipe import warmup_poly
 
 ENCODER, DECODER = "encoder", "decoder"
+# the mixins are only ever combined with nnUNetTrainerAlice; the type checker sees them as its subclasses
+_MixinBase = nnUNetTrainerAlice if TYPE_CHECKING else object
 
 
-class _EncoderGroupsMixin:
+class _EncoderGroupsMixin(_MixinBase):  # type: ignore[misc,valid-type]
     """Two parameter groups: decoder (+ segmentation layers) first, then stem + encoder."""
 
     def parameter_groups(self):
