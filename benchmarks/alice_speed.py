@@ -486,7 +486,8 @@ def format_ratios(r: dict) -> str:
     if "sampling_share_workers" in r:
         v = r["sampling_share_workers"]
         out.append(f"view sampling per batch {r['sampling_ms_per_batch_alice']:.0f} ms on 1 worker; share of a step "
-                   f"with {r['workers']} worker(s): {100 * v:.1f} %  (target <= 10 %: {'met' if v <= 0.10 else 'NOT met'}; "
+                   f"with {r['workers']} worker(s): {100 * v:.1f} %  "
+                   f"(target <= 10 %: {'met' if v <= 0.10 else 'NOT met'}; "
                    f"workers needed: {r['workers_needed_for_10pct']}; serial share with 1 worker "
                    f"{100 * r['sampling_share_1_worker']:.0f} %)")
     if "alice_over_nnunet_peak_mem" in r:

@@ -166,7 +166,8 @@ def make_pairs(base: np.ndarray, n_pairs: int, seed: int, elastic_mm: float, cro
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n_pairs):
-        ta, tb = Deformation(base.shape, rng, elastic_mm=elastic_mm), Deformation(base.shape, rng, elastic_mm=elastic_mm)
+        ta = Deformation(base.shape, rng, elastic_mm=elastic_mm)
+        tb = Deformation(base.shape, rng, elastic_mm=elastic_mm)
         if crop:
             ta, tb = CroppedDeformation(ta, rng), CroppedDeformation(tb, rng)
         a = CaseVolume(f"pair{i}_a", ta.warp(base)[None], SPACING)
@@ -218,7 +219,8 @@ DEFORMATIONS = (("mild", 6.0, False), ("strong", 12.0, False), ("fov", 6.0, True
 
 def variant_suffix(args, sep: str = " ") -> str:
     """Names a training ablation (``--crop``, ``--num-hard``) in model files and matcher labels."""
-    parts = ([f"crop{args.crop}"] if args.crop else []) + ([f"hard{args.num_hard}"] if args.num_hard is not None else [])
+    parts = [f"crop{args.crop}"] if args.crop else []
+    parts += [f"hard{args.num_hard}"] if args.num_hard is not None else []
     return "".join(sep + p for p in parts)
 
 
@@ -325,7 +327,8 @@ def markdown(rows: List[Dict], args, total_s: float) -> str:
         "12 mm (*strong*); *fov* is the mild deformation plus a field of view of its own for every volume (a "
         "random box of 60-85 % of the extent per axis, like scans that start and stop at different "
         "levels). The true partner of every query point is known (the inverse is computed by "
-        "fixed-point iteration); query points without a partner inside B are not used. Query points are foreground voxels drawn by the pretraining sampler. "
+        "fixed-point iteration); query points without a partner inside B are not used. Query points are "
+        "foreground voxels drawn by the pretraining sampler. "
         "`intra` is the identity (no matching) and shows how far apart the pair is. `registration` is "
         "affine (similarity then affine, Mattes MI) to the first volume, composed A→ref→B. The embedding "
         "network is trained per base volume on other random deformations of it, every other one cropped to "

@@ -207,7 +207,7 @@ def section_compile(plan, device, batch, patch, args) -> dict:
         ck["wrapper_state_dict_has_orig_mod"] = any("_orig_mod" in k for k in wrapped_keys)
         sd_runner = network_state_dict(objective.network)
         sd = network_state_dict(compiled_wrapper)
-        ck["orig_mod_in_checkpoint_keys"] = any("_orig_mod" in k for k in sd) or any("_orig_mod" in k for k in sd_runner)
+        ck["orig_mod_in_checkpoint_keys"] = any("_orig_mod" in k for k in list(sd) + list(sd_runner))
         ck["same_keys_runner_vs_wrapper"] = sorted(sd) == sorted(sd_runner)
         ck["n_keys"] = len(sd)
         with tempfile.TemporaryDirectory() as tmp:

@@ -61,7 +61,8 @@ def test_pretrain_writes_outputs_and_loss_goes_down(synth_dataset, pretrained):
     assert (folder / "progress.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [n for n in os.listdir(folder) if n.endswith(".tmp") or n.startswith(".")]
 
-    records = [(int(m.group(1)), float(m.group(2))) for m in LOG_LINE.finditer((folder / "training_log.txt").read_text())]
+    log_text = (folder / "training_log.txt").read_text()
+    records = [(int(m.group(1)), float(m.group(2))) for m in LOG_LINE.finditer(log_text)]
     assert [s for s, _ in records] == [2, 4, 6, 8]
     losses = [loss for _, loss in records]
     assert all(np.isfinite(losses))

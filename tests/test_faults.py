@@ -322,7 +322,8 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(box, tmp_path, capsy
         deadline = time.time() + 240
         log = folder / "training_log.txt"
         while time.time() < deadline and proc.poll() is None:
-            if log.is_file() and sum(ln.split(": ", 1)[-1].startswith("step ") for ln in log.read_text().splitlines()) >= 2:
+            lines = log.read_text().splitlines() if log.is_file() else []
+            if sum(ln.split(": ", 1)[-1].startswith("step ") for ln in lines) >= 2:
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be signalled"

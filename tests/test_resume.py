@@ -139,7 +139,8 @@ def test_latest_rotates_to_prev_and_both_verify(box, tmp_path):
     PretrainRun(pretrain_config(box, "mae", steps=3, save_every=1), output_folder=str(folder)).run()
     latest, prev = load_checkpoint(str(folder / LATEST)), load_checkpoint(str(folder / PREVIOUS))
     assert latest["training_state"]["step"] == 3 and prev["training_state"]["step"] == 2
-    assert (folder / (PREVIOUS + ".sha256")).read_text().split()[0] != (folder / (LATEST + ".sha256")).read_text().split()[0]
+    digest = lambda name: (folder / (name + ".sha256")).read_text().split()[0]  # noqa: E731
+    assert digest(PREVIOUS) != digest(LATEST)
 
 
 def test_truncated_latest_is_detected_and_previous_is_used(box, tmp_path, capsys):

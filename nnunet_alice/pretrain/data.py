@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
@@ -140,7 +140,7 @@ class PretrainData:
         if ds is None:
             ds = self._datasets[ref.folder] = _image_only_dataset_class()(ref.folder, [c.case_id for c in self.cases
                                                                                       if c.folder == ref.folder])
-        data, _, _, _ = ds.load_case(ref.case_id)
+        data, _, _, _ = ds.load_case(ref.case_id)  # type: ignore[attr-defined]
         return CaseVolume(case_id=ref.key, image=data, spacing=self.spacing)
 
     def case_keys(self) -> List[str]:
@@ -281,7 +281,7 @@ def check_not_truncated(path: str) -> None:
     try:
         import nibabel
 
-        header = nibabel.load(path).header  # the header only; voxels are read lazily
+        header: Any = nibabel.load(path).header  # the header only; voxels are read lazily
         shape = tuple(int(n) for n in header.get_data_shape())
         dtype = np.dtype(header.get_data_dtype())
         offset = int(header.get_data_offset())

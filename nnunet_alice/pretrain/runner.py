@@ -19,7 +19,7 @@ from nnunet_alice.errors import AliceError, RunStopped, os_error_message
 from nnunet_alice.pretrain import distributed as dist_utils
 from nnunet_alice.pretrain.data import PretrainData
 from nnunet_alice.pretrain.logging_utils import append_log_line
-from nnunet_alice.pretrain.loop import (FINAL, LATEST, PREVIOUS, Checkpointer, StopRequested, check_output_files,
+from nnunet_alice.pretrain.loop import (FINAL, LATEST, Checkpointer, StopRequested, check_output_files,
                                         make_run_log, parameter_groups, pretrain_output_folder, stop_between_steps,
                                         train_step)
 from nnunet_alice.pretrain.monitor import CollapseMonitor
@@ -347,8 +347,8 @@ class PretrainRun:
                 batch = next(loader)
                 t_data = time.perf_counter() - t0
                 total, terms = train_step(self.objective, self.ddp_objective, self.optimizer, batch, step,
-                                          float(sch.lr[step]), float(sch.weight_decay[step]), cfg.grad_clip, self.device,
-                                          self.autocast_dtype, self.checkpointer.last_good)
+                                          float(sch.lr[step]), float(sch.weight_decay[step]), cfg.grad_clip,
+                                          self.device, self.autocast_dtype, self.checkpointer.last_good)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0

@@ -49,11 +49,11 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
 
 def _bounds(shape: Sequence[int], margin: Margin) -> Tuple[np.ndarray, np.ndarray]:
     """Inclusive per-axis limits ``[margin, size-1-margin]``; collapses to the centre where the volume is small."""
-    shape = np.asarray(shape, dtype=float)
-    m = np.broadcast_to(np.asarray(margin, dtype=float), shape.shape)
-    lo, hi = m.copy(), shape - 1 - m
+    size = np.asarray(shape, dtype=float)
+    m = np.broadcast_to(np.asarray(margin, dtype=float), size.shape)
+    lo, hi = m.copy(), size - 1 - m
     small = lo > hi
-    lo[small] = hi[small] = (shape[small] - 1) / 2.0
+    lo[small] = hi[small] = (size[small] - 1) / 2.0
     return lo, hi
 
 
@@ -141,7 +141,7 @@ def stats_of(matcher: Matcher) -> MatchStats:
     stats = getattr(matcher, "match_stats", None)
     if not isinstance(stats, MatchStats):
         stats = MatchStats()
-        matcher.match_stats = stats
+        setattr(matcher, "match_stats", stats)
     return stats
 
 

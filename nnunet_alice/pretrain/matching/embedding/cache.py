@@ -131,6 +131,7 @@ class EmbeddingStore:
         if coarse.ndim != 4 or fine.ndim != 4 or not (np.all(np.isfinite(coarse)) and np.all(np.isfinite(fine))):
             return None
         grid = np.round(np.asarray(case_shape) * scale).astype(int)
-        if tuple(fine.shape[1:]) != tuple(-(-grid // strides[1])) or tuple(coarse.shape[1:]) != tuple(-(-grid // strides[0])):
+        fine_ok = tuple(fine.shape[1:]) == tuple(-(-grid // strides[1]))
+        if not fine_ok or tuple(coarse.shape[1:]) != tuple(-(-grid // strides[0])):
             return None
         return CaseEmbedding(coarse, fine, scale, tuple(case_shape), strides[0], strides[1])

@@ -103,7 +103,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     path = os.path.join(out_dir, MODEL_FILE)
     digest = save_model(path, net, info)
     plot_history(history, os.path.join(out_dir, "loss.png"))
-    log(f"saved {path} (sha256 {digest[:16]}), trained {seconds:.0f} s, final loss {info['training']['final_loss']:.4f}")
+    log(f"saved {path} (sha256 {digest[:16]}), trained {seconds:.0f} s, "
+        f"final loss {info['training']['final_loss']:.4f}")
 
     if not args.no_precompute:
         matcher = EmbeddingMatcher.from_model_file(path, cache_root=data.preprocessed_root, device=args.device)

@@ -119,7 +119,8 @@ def _inside(u: np.ndarray, box: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
 
 def make_pair(volume: torch.Tensor, volume_np: np.ndarray, foreground: np.ndarray, rng: np.random.Generator,
               cfg: PairConfig):
-    """Two augmented crops of ``volume`` (X, Y, Z tensor; ``volume_np`` the same as numpy) and ``cfg.points`` corresponding crop coordinates.
+    """Two augmented crops of ``volume`` (X, Y, Z tensor; ``volume_np`` the same as numpy) and ``cfg.points``
+    corresponding crop coordinates.
 
     Returns ``(crop1, crop2, view1, view2, u1, u2)``: crops (1, *crop) tensors, ``u1``/``u2`` (N, 3) float
     arrays of matching crop coordinates (query points drawn preferably on foreground).

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -99,7 +99,7 @@ def train_embedding(volumes: Sequence[np.ndarray], arch: Optional[dict] = None, 
         x = torch.stack([p[0] for p in pairs] + [p[1] for p in pairs]).to(device)
         coarse, fine = net(x)
         n = len(pairs)
-        terms = {"coarse": 0.0, "fine": 0.0}
+        terms: Dict[str, Any] = {"coarse": 0.0, "fine": 0.0}
         for j, (_, _, v1, v2, u1, u2) in enumerate(pairs):
             part = pair_loss((coarse[j], coarse[n + j]), (fine[j], fine[n + j]), (v1, v2), (u1, u2),
                              (net.coarse_stride, net.fine_stride), cfg.temperature, cfg.num_hard,
