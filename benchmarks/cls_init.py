@@ -78,7 +78,8 @@ def main() -> None:
     xa, xb = mni_crops(8, args.patch, rng)
     k = 512
     print(f"patch {args.patch}^3, features {args.features}, K = {k}; entropies as a fraction of ln K")
-    print("| network | --cls-pool | cos(CLS) | cos(z) | positive-pair cos | SK 0.008 | centre 0.008 | SK 0.04 | centre 0.04 |")
+    print("| network | --cls-pool | cos(CLS) | cos(z) | positive-pair cos | SK 0.008 | centre 0.008 | SK 0.04 "
+          "| centre 0.04 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for kind in ("PlainConvUNet", "ResidualEncoderUNet"):
         for mode in ("prenorm_mlp", "prenorm_mean", "mean"):
