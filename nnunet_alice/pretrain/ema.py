@@ -28,18 +28,9 @@ from typing import Dict
 import torch
 from torch import nn
 
+from nnunet_alice.pretrain.model import unwrap
+
 __all__ = ["unwrap", "EmaTeacher"]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, any nesting."""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 class EmaTeacher(nn.Module):

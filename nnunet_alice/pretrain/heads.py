@@ -32,6 +32,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+from nnunet_alice.pretrain.model import unwrap
+
 __all__ = ["DinoHead", "TokenProjection", "global_pool_tokens", "flatten_tokens", "ClsPooling", "PreNormTap",
            "InputTap", "decoder_bottleneck_tap", "prenorm_conv", "CLS_POOLS"]
 
@@ -137,16 +139,6 @@ class DinoHead(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ CLS pooling
-def _unwrap(module: nn.Module) -> nn.Module:
-    while True:
-        if isinstance(getattr(module, "_orig_mod", None), nn.Module):
-            module = module._orig_mod
-        elif isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            module = module.module
-        else:
-            return module
-
-
 def prenorm_conv(network: nn.Module) -> nn.Module:
     """The last main-path convolution of the bottleneck (last encoder stage) of a dynamic-network-architectures U-Net.
 
@@ -159,11 +151,11 @@ def prenorm_conv(network: nn.Module) -> nn.Module:
 
 def _prenorm_site(network: nn.Module):
     """(last main-path conv, the norm module that follows it in its ``ConvDropoutNormReLU`` or None)."""
-    stage = _unwrap(network).encoder.stages[-1]
+    stage = unwrap(network).encoder.stages[-1]
     convs = [(n, m) for n, m in stage.named_modules() if isinstance(m, nn.modules.conv._ConvNd)
              and not {"skip", "squeeze_excitation"} & set(n.split("."))]
     if not convs:
-        raise ValueError(f"no convolution found in the last encoder stage of {type(_unwrap(network)).__name__}")
+        raise ValueError(f"no convolution found in the last encoder stage of {type(unwrap(network)).__name__}")
     name, conv = convs[-1]
     parent = stage.get_submodule(name.rsplit(".", 1)[0]) if "." in name else stage
     norm = getattr(parent, "norm", None)
@@ -225,7 +217,7 @@ class InputTap:
 def decoder_bottleneck_tap(network: nn.Module) -> Optional[InputTap]:
     """Tap of the bottleneck *as the decoder receives it*: the input of the decoder's first upsampling
     (``decoder.transpconvs[0]`` of dynamic-network-architectures' ``UNetDecoder``); None for other decoders."""
-    ups = getattr(_unwrap(network).decoder, "transpconvs", None)
+    ups = getattr(unwrap(network).decoder, "transpconvs", None)
     return InputTap(ups[0]) if ups is not None and len(ups) else None
 
 

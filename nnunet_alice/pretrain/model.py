@@ -36,11 +36,13 @@ def freeze_unused_output_layers(network: nn.Module) -> None:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """Strip DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    """Strip DDP/DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers, any nesting.
+
+    The one home of this helper: every module that needs the bare network imports it from here."""
     while True:
-        if hasattr(module, "_orig_mod"):
+        if isinstance(getattr(module, "_orig_mod", None), nn.Module):
             module = module._orig_mod
-        elif isinstance(module, nn.parallel.DistributedDataParallel):
+        elif isinstance(module, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             module = module.module
         else:
             return module
