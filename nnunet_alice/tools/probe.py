@@ -34,15 +34,20 @@ from nnunet_alice.tools.probe_net import RANDOM, VARIANTS, WindowFeatures, build
 DEFAULT_VOXELS = 24000     # training voxels sampled in all (class-balanced, split over the K cases)
 DEFAULT_STEPS = 200        # L-BFGS iterations
 DEFAULT_L2 = 1e-4          # weight decay on the standardised features' weights
-DEFAULT_STEP_SIZE = 0.5    # sliding-window step, as a fraction of the patch (nnU-Net's default)
+DEFAULT_STEP_SIZE = 1.0    # sliding-window step as a fraction of the patch: the fewest windows (nnU-Net: 0.5)
+BALANCE = ("uniform", "prior")   # class prior of the head's decisions: uniform, or the K cases' frequencies
+DEFAULT_BALANCE = "uniform"
 RESULTS_FOLDER = "AliceProbe__{plans}__{configuration}"
 
 
 # ---------------------------------------------------------------------------------------------- the head
 def fit_linear_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, steps: int = DEFAULT_STEPS,
-                    l2: float = DEFAULT_L2) -> Tuple[torch.Tensor, torch.Tensor, float]:
+                    l2: float = DEFAULT_L2, prior: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, torch.Tensor, float]:
     """Multinomial logistic regression on standardised features, each class weighted by 1 / its voxel count.
 
+    The balanced fit estimates class posteriors under a uniform prior; ``prior`` (class frequencies, e.g. of the
+    whole training volumes) moves them to that prior by adding ``log prior`` to the bias (Bayes' rule).
     Returns ``(weight (n_classes, C), bias (n_classes,), final loss)`` acting on the *raw* features (the
     standardisation is folded in). Zero initialisation and full-batch L-BFGS make it deterministic.
     """
@@ -68,7 +73,14 @@ def fit_linear_head(x: torch.Tensor, y: torch.Tensor, n_classes: int, steps: int
         final = float(closure().detach())
     weight = (w / std).detach()
     bias = (b - (weight * mean).sum(1)).detach()
+    if prior is not None:
+        bias = bias + torch.log(prior.float().clamp_min(1e-12))
     return weight, bias, final
+
+
+def balanced_accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean recall over the classes present in ``y``."""
+    return float(np.mean([float((pred[y == c] == c).float().mean()) for c in torch.unique(y)]))
 
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> List[float]:
@@ -105,6 +117,7 @@ def output_path(data, checkpoint: str, k: int, seed: int, variant: str) -> str:
 def probe_checkpoint(dataset_name: Union[str, int], configuration: str, plans: str, checkpoint: str,
                      labels: Union[int, str], seed: int = 0, features: str = "decoder",
                      voxels: int = DEFAULT_VOXELS, steps: int = DEFAULT_STEPS, step_size: float = DEFAULT_STEP_SIZE,
+                     balance: str = DEFAULT_BALANCE, l2: float = DEFAULT_L2, device: str = "cpu",
                      write: bool = True, log: Optional[Callable[[str], None]] = None) -> Dict:
     """Linear-probe Dice of ``checkpoint`` (a path or ``"random"``) with ``labels`` (K or ``"all"``) labelled cases.
 
@@ -121,8 +134,13 @@ def probe_checkpoint(dataset_name: Union[str, int], configuration: str, plans: s
     t0 = time.time()
     if features not in VARIANTS:
         raise AliceError(f"--features: expected one of {', '.join(VARIANTS)}, got {features!r}")
-    if voxels < 1 or steps < 1 or not 0 < step_size <= 1:
-        raise AliceError(f"probe settings out of range: voxels {voxels}, steps {steps}, step size {step_size}")
+    if balance not in BALANCE:
+        raise AliceError(f"--balance: expected one of {', '.join(BALANCE)}, got {balance!r}")
+    if voxels < 1 or steps < 1 or not 0 < step_size <= 1 or l2 < 0:
+        raise AliceError(f"probe settings out of range: voxels {voxels}, steps {steps}, step size {step_size}, "
+                         f"l2 {l2}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise AliceError(f"-device {device}: CUDA is not available on this machine")
     seed = int(seed)
     data = ProbeData(resolve_dataset_name(dataset_name), plans, configuration)
     k = data.resolve_k(labels)
@@ -133,7 +151,7 @@ def probe_checkpoint(dataset_name: Union[str, int], configuration: str, plans: s
         sha = sha256_of_file(checkpoint)
     network = build_probe_network(data.plans_manager, data.configuration_manager, data.dataset_json, checkpoint,
                                   seed, log=say, loaded=loaded)
-    tap = WindowFeatures(network, features, data.configuration_manager.patch_size, step_size)
+    tap = WindowFeatures(network, features, data.configuration_manager.patch_size, step_size, device)
     n_cls = len(data.labels)
     train_cases = data.training_cases(k, seed)
     say(f"alice_probe: {data.dataset_name} {plans} {configuration}: {features} features ({tap.num_features} "
@@ -143,9 +161,12 @@ def probe_checkpoint(dataset_name: Union[str, int], configuration: str, plans: s
     rng = np.random.default_rng(seed)
     per_class = max(1, math.ceil(voxels / (k * n_cls)))
     xs, ys = [], []
+    frequency = np.zeros(n_cls)
     for case in train_cases:
         image, seg = data.load_training(case)
-        coords, y = sample_voxels(data.class_index(seg), per_class, rng)
+        classes = data.class_index(seg)
+        frequency += np.bincount(classes[classes >= 0].ravel(), minlength=n_cls)[:n_cls]
+        coords, y = sample_voxels(classes, per_class, rng)
         if len(y):
             xs.append(tap.gather(image, coords))
             ys.append(torch.from_numpy(y))
@@ -154,9 +175,11 @@ def probe_checkpoint(dataset_name: Union[str, int], configuration: str, plans: s
         raise AliceError(f"{data.folder}: the {k} training case(s) {train_cases} contain no foreground voxels; "
                          f"choose more labelled cases (--labels) or another --seed")
     x_all = torch.cat(xs)
-    weight, bias, loss = fit_linear_head(x_all, y_all, n_cls, steps)
-    train_acc = float((torch.argmax(x_all @ weight.T + bias, 1) == y_all).float().mean())
-    say(f"alice_probe: head fitted on {len(y_all)} voxels, loss {loss:.4f}, training accuracy {train_acc:.3f}")
+    prior = torch.from_numpy(frequency / frequency.sum()) if balance == "prior" else None
+    weight, bias, loss = fit_linear_head(x_all, y_all, n_cls, steps, l2, prior=prior)
+    train_acc = balanced_accuracy(torch.argmax(x_all @ weight.T + bias, 1), y_all)
+    say(f"alice_probe: head fitted on {len(y_all)} voxels, loss {loss:.4f}, balanced training accuracy "
+        f"{train_acc:.3f}")
 
     per_case: Dict[str, Dict[str, Optional[float]]] = {}
     scores = []
@@ -187,7 +210,9 @@ def probe_checkpoint(dataset_name: Union[str, int], configuration: str, plans: s
         "voxels": int(len(y_all)),
         "head_steps": int(steps),
         "head_loss": loss,
-        "train_accuracy": train_acc,
+        "train_balanced_accuracy": train_acc,
+        "balance": balance,
+        "l2": float(l2),
         "step_size": float(step_size),
         "seconds": round(time.time() - t0, 1),
         "version": __version__,
@@ -215,12 +240,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--voxels", type=int, default=DEFAULT_VOXELS, help="training voxels sampled in all")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="L-BFGS iterations of the head")
     p.add_argument("--step-size", type=float, default=DEFAULT_STEP_SIZE, help="sliding-window step (patch fraction)")
+    p.add_argument("--balance", choices=BALANCE, default=DEFAULT_BALANCE,
+                   help="uniform: every class equally likely a priori, the class-balanced fit as it is (default); "
+                        "prior: decide with the class frequencies of the K cases (fewer false positives of small "
+                        "classes)")
+    p.add_argument("--l2", type=float, default=DEFAULT_L2, help="weight decay of the head (standardised features)")
+    p.add_argument("-device", dest="device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--no-write", action="store_true", help="print the JSON line only")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     a = p.parse_args(argv)
     log = None if a.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = probe_checkpoint(a.dataset, a.configuration, a.plans, a.checkpoint, a.labels, a.seed, a.features,
-                              a.voxels, a.steps, a.step_size, write=not a.no_write, log=log)
+                              a.voxels, a.steps, a.step_size, a.balance, a.l2, a.device, write=not a.no_write, log=log)
     print(json.dumps(result, sort_keys=True), flush=True)
 
 

@@ -64,7 +64,7 @@ class ProbeData:
     def __init__(self, dataset_name: str, plans: str, configuration: str):
         from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
         from nnunet_alice.doctor import num_channels
-        from nnunet_alice.pretrain.data import _nnunet_path, load_plans
+        from nnunet_alice.pretrain.data import load_plans
 
         self.dataset_name, self.plans_name, self.configuration = dataset_name, plans, configuration
         self.plans_file, self.plans_manager, self.configuration_manager, self.dataset_json = load_plans(

@@ -76,7 +76,7 @@ def sample_at(stage: torch.Tensor, local: torch.Tensor, window: Sequence[int]) -
     """
     if tuple(stage.shape[1:]) == tuple(window):
         return stage[:, local[:, 0], local[:, 1], local[:, 2]].T
-    size = torch.tensor(window, dtype=torch.float32)
+    size = torch.tensor(window, dtype=torch.float32, device=local.device)
     norm = (2.0 * local.float() + 1.0) / size - 1.0           # (n, 3) in (z, y, x) order
     grid = norm.flip(-1).view(1, 1, 1, -1, 3)                  # grid_sample wants (x, y, z)
     out = F.grid_sample(stage[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -86,13 +86,16 @@ def sample_at(stage: torch.Tensor, local: torch.Tensor, window: Sequence[int]) -
 class WindowFeatures:
     """Frozen per-voxel features of one preprocessed image (C, X, Y, Z), in windows of ``patch_size``."""
 
-    def __init__(self, network: torch.nn.Module, variant: str, patch_size: Sequence[int], step: float = 0.5):
+    def __init__(self, network: torch.nn.Module, variant: str, patch_size: Sequence[int], step: float = 0.5,
+                 device: str | torch.device = "cpu"):
         if variant not in VARIANTS:
             raise ValueError(f"feature variant must be one of {VARIANTS}, got {variant!r}")
         self.network = unwrap(network)
         self.variant = variant
         self.patch = tuple(int(p) for p in patch_size)
         self.step = float(step)
+        self.device = torch.device(device)
+        self.network.to(self.device)
         chans = [int(c) for c in self.network.encoder.output_channels]
         self.stage_channels = chans[:1] if variant == "decoder" else chans
         self.gaussian = self._gaussian()
@@ -111,7 +114,7 @@ class WindowFeatures:
     @torch.inference_mode()
     def window(self, tile: torch.Tensor) -> List[torch.Tensor]:
         """Feature maps of one (C, *patch) tile: [last decoder stage] or [every encoder stage], batch dim removed."""
-        x = tile[None].float()
+        x = tile[None].float().to(self.device)
         if self.variant == "encoder":
             skips = self.network.encoder(x)
             return [s[0] for s in skips]
@@ -150,7 +153,7 @@ class WindowFeatures:
                 continue
             local = coords_t[inside] - lo
             feats = self.window(tile)
-            f = torch.cat([sample_at(s, local, self.patch) for s in feats], dim=1)
+            f = torch.cat([sample_at(s, local.to(s.device), self.patch) for s in feats], dim=1).cpu()
             w = self.gaussian[local[:, 0], local[:, 1], local[:, 2]]
             acc[inside] += w[:, None] * f
             wsum[inside] += w
@@ -166,14 +169,14 @@ class WindowFeatures:
         wsum = torch.zeros(padded.shape[1:], dtype=torch.float32)
         parts = torch.split(weight.float(), self.stage_channels, dim=1)
         for start, tile in self._tiles(padded):
-            out = bias.float().view(-1, 1, 1, 1).expand(n_cls, *self.patch).clone()
+            out = bias.float().to(self.device).view(-1, 1, 1, 1).expand(n_cls, *self.patch).clone()
             for w, f in zip(parts, self.window(tile)):
-                z = torch.einsum("kc,cxyz->kxyz", w, f.float())
+                z = torch.einsum("kc,cxyz->kxyz", w.to(self.device), f.float())
                 if tuple(z.shape[1:]) != self.patch:
                     z = F.interpolate(z[None], size=self.patch, mode="trilinear", align_corners=False)[0]
                 out += z
             box = tuple(slice(s, s + p) for s, p in zip(start, self.patch))
-            logits[(slice(None), *box)] += out * self.gaussian
+            logits[(slice(None), *box)] += out.cpu() * self.gaussian
             wsum[box] += self.gaussian
         logits /= wsum
         return logits[(slice(None), *(slice(0, s) for s in shape))]
