@@ -58,12 +58,16 @@ def test_linear_head_separates_and_is_deterministic():
     y = torch.cat([torch.full((300,), 0), torch.full((40,), 1), torch.full((20,), 2)])  # imbalanced classes
     centres = torch.tensor([[0.0, 0.0, 5.0], [4.0, 0.0, 5.0], [0.0, 4.0, 5.0]])
     x = centres[y] * 3 + torch.randn(len(y), 3, generator=g) + 100.0      # raw features far from zero mean
-    w1, b1, loss1 = fit_linear_head(x, y, 3, steps=100)
-    w2, b2, _ = fit_linear_head(x, y, 3, steps=100)
+    w1, b1, loss1 = fit_linear_head(x, y, 3, steps=100, l2=1e-4)
+    w2, b2, _ = fit_linear_head(x, y, 3, steps=100, l2=1e-4)
     pred = torch.argmax(x @ w1.T + b1, 1)
     for c in range(3):  # class balancing: the rare classes are found too
         assert float((pred[y == c] == c).float().mean()) > 0.95
     assert torch.equal(w1, w2) and torch.equal(b1, b2)
+    prior = torch.tensor([0.7, 0.2, 0.1])   # Bayes' rule: the prior moves only the bias, by log prior
+    w3, b3, _ = fit_linear_head(x, y, 3, steps=100, l2=1e-4, prior=prior)
+    assert torch.equal(w3, w1)
+    torch.testing.assert_close(b3 - b1, torch.log(prior))
     assert loss1 < math.log(3) / 4
 
 
@@ -288,7 +292,7 @@ def test_probe_prefers_a_network_that_knows_the_organs(synth_dataset, tmp_path, 
     from nnunet_alice.tools.probe import probe_checkpoint
 
     _use(monkeypatch, synth_dataset)
-    ckpt = _supervised_checkpoint(synth_dataset, tmp_path / "supervised.pth", steps=25)
+    ckpt = _supervised_checkpoint(synth_dataset, tmp_path / "supervised.pth", steps=15)
     scores = {c: probe_checkpoint(synth_dataset.dataset_name, CONFIG, PLANS, c, 1, 0, write=False)["mean_dice"]
               for c in ("random", str(ckpt))}
     assert scores[str(ckpt)] > scores["random"] + 0.15, scores

@@ -33,7 +33,7 @@ from nnunet_alice.tools.probe_net import RANDOM, VARIANTS, WindowFeatures, build
 
 DEFAULT_VOXELS = 24000     # training voxels sampled in all (class-balanced, split over the K cases)
 DEFAULT_STEPS = 200        # L-BFGS iterations
-DEFAULT_L2 = 1e-4          # weight decay on the standardised features' weights
+DEFAULT_L2 = 1e-2          # weight decay on the standardised features' weights (measured: docs/probe.md)
 DEFAULT_STEP_SIZE = 1.0    # sliding-window step as a fraction of the patch: the fewest windows (nnU-Net: 0.5)
 BALANCE = ("uniform", "prior")   # class prior of the head's decisions: uniform, or the K cases' frequencies
 DEFAULT_BALANCE = "uniform"
@@ -123,7 +123,8 @@ def probe_checkpoint(dataset_name: Union[str, int], configuration: str, plans: s
 
     Returns the result dict (``mean_dice``, per-class ``dice``, ``labels``, ``seed``, ``checkpoint``, ``sha256``,
     ``features``, cases, ...) and, with ``write``, stores it as JSON (path in ``result["output"]``). Every input
-    problem raises a one-line :class:`AliceError` before anything is computed or written.
+    problem raises a one-line :class:`AliceError` and leaves nothing written (the JSON is written last); those
+    that need no feature (dataset, labels, K, test cases, checkpoint fit) are raised before any is computed.
     """
     from nnunet_alice import __version__
     from nnunet_alice.checkpoint import atomic_write_bytes, load_checkpoint, sha256_of_file
