@@ -23,14 +23,13 @@ from nnunet_alice.pretrain import distributed as dist_utils
 from nnunet_alice.paths import PRETRAIN, results_folder
 from nnunet_alice.pretrain.logging_utils import RunLog
 
-PRETRAIN_PREFIX = PRETRAIN
 LATEST = "checkpoint_latest.pth"
 PREVIOUS = "checkpoint_latest.prev.pth"
 FINAL = "checkpoint_final.pth"
 
 
 def pretrain_output_folder(dataset_name: str, plans: str, configuration: str) -> str:
-    return results_folder(PRETRAIN_PREFIX, dataset_name, plans, configuration)
+    return results_folder(PRETRAIN, dataset_name, plans, configuration)
 
 
 def check_output_files(folder: str) -> None:

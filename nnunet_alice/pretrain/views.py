@@ -100,6 +100,7 @@ class ViewSampler:
         self.number_of_threads_in_multithreaded = 1
         self.next_batch = int(start_batch)
         self.transforms, self.crop_size = build_view_transforms(self.patch_size, config.augment)
+        self._split = split_spatial_intensity(self.transforms)  # (spatial, intensity) parts for student views
         self._open: Dict[str, object] = {}
         self.parent_pid: Optional[int] = None  # set by make_loader before workers are forked
 
@@ -130,8 +131,8 @@ class ViewSampler:
         """The batch number ``index`` of this rank's stream (deterministic)."""
         from threadpoolctl import threadpool_limits
 
-        # one OpenMP/BLAS thread, as nnU-Net's own loader does: a forked worker that enters torch's OpenMP pool
-        # after the parent used it deadlocks (libgomp is not fork-safe)
+        # one OpenMP/BLAS thread for sampling, as nnU-Net's own loader does (the fork-safety of the workers
+        # themselves is workers.init_worker's job: threadpoolctl cannot stop torch from entering OpenMP)
         with threadpool_limits(limits=1, user_api=None):
             return self._make_batch(index)
 
@@ -173,12 +174,9 @@ class ViewSampler:
     def _augment_student(self, crop: torch.Tensor):
         """``(student view, reconstruction target)``: one spatial transform for both, intensity only for the
         student, so the target is what the student sees before noise, blur, gamma and contrast changes."""
-        if self.transforms is None:
+        spatial, intensity = self._split
+        if spatial is None:
             return crop, crop
-        parts = self.__dict__.get("_split")
-        if parts is None:
-            parts = self.__dict__["_split"] = split_spatial_intensity(self.transforms)
-        spatial, intensity = parts
         target = spatial(image=crop.clone())["image"]
         student = target if intensity is None else intensity(image=target.clone())["image"]
         return student, target
