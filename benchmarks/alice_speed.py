@@ -7,7 +7,7 @@ Same planned network, same per-view batch ``B``, measured side by side in one ru
   ``DeepSupervisionWrapper`` (weights as ``nnUNetTrainer._build_loss``), SGD (lr 1e-2, momentum 0.99, Nesterov,
   wd 3e-5), gradient clipping at 12; on CUDA autocast with nnU-Net's own AMP (float16 + ``GradScaler``;
   ``--nnunet-amp bf16`` switches to bfloat16 without a scaler);
-* ``mae``: :class:`MaeObjective` through :func:`nnunet_alice.pretrain.loop.train_step` (AdamW, bf16 on CUDA);
+* ``mae``: :class:`MaeObjective` through :func:`nnunet_alice.pretrain.training.step.train_step` (AdamW, bf16 on CUDA);
 * ``alice``: :class:`AliceObjective` (default head 2048/256/512, CASA on) through the same ``train_step``:
   student on 2·B masked views, EMA teacher on 2·B views.
 
@@ -156,7 +156,7 @@ def _compile_objective(objective) -> str:
 
 def synthetic_pretrain_batch(objective: str, channels: int, patch: Sequence[int], batch: int, config,
                              device: torch.device, seed: int = 0) -> Dict[str, torch.Tensor]:
-    from nnunet_alice.pretrain.masking import batch_block_masks
+    from nnunet_alice.pretrain.data.masking import batch_block_masks
 
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
@@ -233,9 +233,9 @@ def _current_rss_gib() -> float:
 
 
 def _pretrain_stepper(mode, plan: Plan, device, batch, patch, total_steps, compile_):
-    from nnunet_alice.pretrain.loop import parameter_groups, train_step
-    from nnunet_alice.pretrain.runner import build_objective
-    from nnunet_alice.pretrain.schedules import Schedules
+    from nnunet_alice.pretrain.training.step import parameter_groups, train_step
+    from nnunet_alice.pretrain.training.run import build_objective
+    from nnunet_alice.pretrain.training.schedules import Schedules
 
     cfg = _pretrain_config(mode, patch, batch, device.type, compile_)
     network = plan.pretrain_network()
@@ -348,7 +348,7 @@ def measure_sampling(objective: str, data, patch: Sequence[int], batch: int, bat
     worker hangs in libgomp (seen here with torch 2.14 on CPU).
     """
     from nnunet_alice.pretrain.config import PretrainConfig
-    from nnunet_alice.pretrain.views import ViewSampler
+    from nnunet_alice.pretrain.data.views import ViewSampler
 
     cfg = PretrainConfig(objective=objective, matcher=matcher_name, patch_size=list(patch), batch_size=batch,
                          augment=augment).validate()
@@ -385,11 +385,11 @@ def measure_pipeline(plan: Plan, device: torch.device, batch: int, patch: Sequen
     log measures), after ``warmup`` steps, and the step time with data loading included.
     """
     from nnunet_alice.pretrain.config import PretrainConfig
-    from nnunet_alice.pretrain.loop import parameter_groups, train_step
+    from nnunet_alice.pretrain.training.step import parameter_groups, train_step
     from nnunet_alice.pretrain.matching import build_matcher
-    from nnunet_alice.pretrain.runner import build_objective
-    from nnunet_alice.pretrain.schedules import Schedules
-    from nnunet_alice.pretrain.views import ViewSampler, make_loader
+    from nnunet_alice.pretrain.training.run import build_objective
+    from nnunet_alice.pretrain.training.schedules import Schedules
+    from nnunet_alice.pretrain.data.views import ViewSampler, make_loader
 
     total = warmup + steps
     cfg = PretrainConfig(objective="alice", matcher=matcher_name, patch_size=list(patch), batch_size=batch,
@@ -498,7 +498,7 @@ def format_ratios(r: dict) -> str:
 
 
 def default_workers() -> int:
-    from nnunet_alice.pretrain.runner import default_num_workers
+    from nnunet_alice.pretrain.training.run import default_num_workers
     return max(1, default_num_workers())
 
 
@@ -626,7 +626,7 @@ def main(argv=None) -> dict:
     if args.sampling_child:
         sampling = {}
         if args.sampling_dataset:
-            from nnunet_alice.pretrain.data import PretrainData, resolve_dataset_name
+            from nnunet_alice.pretrain.data.cases import PretrainData, resolve_dataset_name
             data = PretrainData(resolve_dataset_name(args.sampling_dataset), args.sampling_plans or plan.plans_name,
                                 args.configuration, [])
             source = f"preprocessed {data.dataset_name} ({len(data.cases)} cases)"
@@ -649,7 +649,7 @@ def main(argv=None) -> dict:
     if not args.one_mode and args.pipeline_workers:
         pipeline = {}
         if args.sampling_dataset:
-            from nnunet_alice.pretrain.data import PretrainData, resolve_dataset_name
+            from nnunet_alice.pretrain.data.cases import PretrainData, resolve_dataset_name
             pdata = PretrainData(resolve_dataset_name(args.sampling_dataset), args.sampling_plans or plan.plans_name,
                                  args.configuration, [])
         else:

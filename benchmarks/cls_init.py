@@ -20,8 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from nnunet_alice.pretrain.config import PretrainConfig
-from nnunet_alice.pretrain.losses import probs_entropy, sinkhorn_knopp
-from nnunet_alice.pretrain.objective_alice import AliceStudent
+from nnunet_alice.pretrain.objectives.losses import probs_entropy, sinkhorn_knopp
+from nnunet_alice.pretrain.objectives.alice import AliceStudent
 
 
 def mni_crops(n: int, size: int, rng: np.random.Generator, shift: int = 4):

@@ -37,7 +37,7 @@ from scipy.ndimage import gaussian_filter, map_coordinates, zoom
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nnunet_alice.pretrain.matching.base import CaseVolume  # noqa: E402
-from nnunet_alice.pretrain.matching.embedding.matcher import CYCLE_TOLERANCE_MM  # noqa: E402
+from nnunet_alice.embedding.matcher import CYCLE_TOLERANCE_MM  # noqa: E402
 
 CRANIUM = "/usr/share/doc/invesalius-examples/examples/Cranium.inv3"
 SPACING = (2.0, 2.0, 2.0)
@@ -226,8 +226,8 @@ def variant_suffix(args, sep: str = " ") -> str:
 
 def trained_embedding(name: str, pool: List[np.ndarray], args):
     """Train the embedding on ``pool`` (or load it from ``--model-dir`` when the same settings trained it)."""
-    from nnunet_alice.pretrain.matching.embedding.model_file import load_model, save_model
-    from nnunet_alice.pretrain.matching.embedding.train import TrainConfig, train_embedding
+    from nnunet_alice.embedding.model_file import load_model, save_model
+    from nnunet_alice.embedding.train import TrainConfig, train_embedding
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
     if args.num_hard is not None:
@@ -256,9 +256,9 @@ def trained_embedding(name: str, pool: List[np.ndarray], args):
 def run_dataset(name: str, base: np.ndarray, args) -> List[Dict]:
     import torch
 
-    from nnunet_alice.pretrain.matching.embedding.cache import EmbeddingStore
-    from nnunet_alice.pretrain.matching.embedding.matcher import EmbeddingMatcher
-    from nnunet_alice.pretrain.matching.embedding.volume import to_embedding_grid
+    from nnunet_alice.embedding.cache import EmbeddingStore
+    from nnunet_alice.embedding.matcher import EmbeddingMatcher
+    from nnunet_alice.embedding.volume import to_embedding_grid
     from nnunet_alice.pretrain.matching.intra import IntraVolumeMatcher
     from nnunet_alice.pretrain.matching.registration import RegistrationMatcher
 

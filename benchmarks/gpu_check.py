@@ -148,9 +148,9 @@ def section_pipeline(plan, device, batch, patch, args) -> dict:
 
 def section_compile(plan, device, batch, patch, args) -> dict:
     from nnunet_alice.checkpoint import load_checkpoint, network_state_dict, save_checkpoint
-    from nnunet_alice.pretrain.loop import parameter_groups, train_step
-    from nnunet_alice.pretrain.runner import build_objective
-    from nnunet_alice.pretrain.schedules import Schedules
+    from nnunet_alice.pretrain.training.step import parameter_groups, train_step
+    from nnunet_alice.pretrain.training.run import build_objective
+    from nnunet_alice.pretrain.training.schedules import Schedules
 
     out: dict = {}
     cfg = bench._pretrain_config("alice", patch, batch, device.type, True)

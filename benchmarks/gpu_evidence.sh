@@ -81,8 +81,8 @@ fi
 if ! "$PY" -c "import nnunet_alice" 2>/dev/null || ! command -v alice_pretrain >/dev/null; then
     export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" nnUNet_extTrainer="$REPO/nnunet_alice/_ext"
     mkdir -p "$WORK/bin"
-    for spec in alice_pretrain=nnunet_alice.pretrain.cli alice_demo_data=nnunet_alice.tools.demo_data \
-                alice_benchmark=nnunet_alice.tools.benchmark; do
+    for spec in alice_pretrain=nnunet_alice.pretrain.cli alice_demo_data=nnunet_alice.demo.cli \
+                alice_benchmark=nnunet_alice.harness.cli; do
         printf '#!/bin/sh\nexec %s -c "import sys; from %s import main; sys.exit(main())" "$@"\n' \
             "$(command -v "$PY")" "${spec#*=}" > "$WORK/bin/${spec%%=*}"
         chmod +x "$WORK/bin/${spec%%=*}"
@@ -120,7 +120,7 @@ say "demo data: $(cat "$WORK/demo_data.txt")"
 BUDGET=${GPU_EVIDENCE_BUDGET:-}
 if [ -z "$BUDGET" ]; then
     if [ "$DRY" = 1 ]; then BUDGET=tiny
-    else BUDGET=$("$PY" -c "from nnunet_alice.tools.bench_config import BUDGETS as B; print('gpu15' if 'gpu15' in B else 'large')")
+    else BUDGET=$("$PY" -c "from nnunet_alice.harness.config import BUDGETS as B; print('gpu15' if 'gpu15' in B else 'large')")
     fi
 fi
 bench_dir() { echo "$WORK/bench_$1"; }
@@ -130,8 +130,8 @@ bench_dir() { echo "$WORK/bench_$1"; }
 PREP=$("$PY" - "$DID" "$BUDGET" "$DEVICE" "$(bench_dir alice)" $SEEDS <<'EOF' | tee "$WORK/prep.txt" \
     | grep '^PREP ' | cut -c6-
 import json, sys
-from nnunet_alice.tools.bench_config import get_budget
-from nnunet_alice.tools.benchmark import Benchmark
+from nnunet_alice.harness.config import get_budget
+from nnunet_alice.harness.cli import Benchmark
 did, budget, device, out = sys.argv[1:5]
 b = Benchmark(did, get_budget(budget, device=device), output=out, methods=["alice"], echo=print)
 b.ensure_dataset()
@@ -219,8 +219,8 @@ mkdir -p "$WORK/merged"
 "$PY" - "$WORK/merged" "$BUDGET" "$DATASET" "$DEVICE" "$STEPS" "$EPOCHS" "$ITERS" "$VALITS" \
     $(for m in $METHODS; do bench_dir "$m"; done) <<'EOF'
 import sys
-from nnunet_alice.tools import bench_report
-from nnunet_alice.tools.bench_config import get_budget
+from nnunet_alice.harness import report as bench_report
+from nnunet_alice.harness.config import get_budget
 merged, budget, dataset, device = sys.argv[1:5]
 steps, epochs, iters, valits = (int(a) for a in sys.argv[5:9])
 rows = [r for d in sys.argv[9:] for r in bench_report.collect(d)]

@@ -70,7 +70,7 @@ class OldMae(torch.nn.Module):
         return {"network": self.network}
 
     def forward(self, batch, step):
-        from nnunet_alice.pretrain.losses import reconstruction_loss
+        from nnunet_alice.pretrain.objectives.losses import reconstruction_loss
 
         x, mask = batch["student_q"], batch["mask_q"]
         rec = reconstruction_loss(self.network(x * (1 - mask)).float(), x, mask, "masked")
@@ -103,10 +103,10 @@ def ranks(network, crops):
 
 def run_arm(arm, data, args, seed):
     from nnunet_alice.pretrain.config import PretrainConfig
-    from nnunet_alice.pretrain.loop import parameter_groups, train_step
-    from nnunet_alice.pretrain.objective_mae import MaeObjective
-    from nnunet_alice.pretrain.schedules import Schedules
-    from nnunet_alice.pretrain.views import ViewSampler
+    from nnunet_alice.pretrain.training.step import parameter_groups, train_step
+    from nnunet_alice.pretrain.objectives.mae import MaeObjective
+    from nnunet_alice.pretrain.training.schedules import Schedules
+    from nnunet_alice.pretrain.data.views import ViewSampler
 
     patch = [args.patch] * 3
     cfg = PretrainConfig(dataset_name=data.dataset_name, objective="mae", steps=args.steps, patch_size=patch,
@@ -147,7 +147,7 @@ def main():
     p.add_argument("--arms", nargs="+", default=["old", "zero", "spark"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = p.parse_args()
-    from nnunet_alice.pretrain.data import PretrainData, resolve_dataset_name
+    from nnunet_alice.pretrain.data.cases import PretrainData, resolve_dataset_name
 
     data = PretrainData(resolve_dataset_name(args.dataset), args.plans, args.configuration, [])
     for seed in args.seeds:

@@ -2,7 +2,7 @@
 
 Both sides run their real step function on the network nnU-Net planned:
 
-* Alice: ``nnunet_alice.pretrain.loop.train_step`` with ``MaeObjective`` (masked input → planned U-Net with a
+* Alice: ``nnunet_alice.pretrain.training.step.train_step`` with ``MaeObjective`` (masked input → planned U-Net with a
   reconstruction head → MSE), AdamW, gradient clipping; batches from ``ViewSampler.make_batch`` (real
   preprocessed cases, per-sample block masks);
 * nnU-Net: ``nnUNetTrainer.train_step`` on a trainer instantiated directly (fold ``all``), i.e. deep
@@ -57,10 +57,10 @@ def alice_side(data, device, n_batches):
     import torch
 
     from nnunet_alice.pretrain.config import PretrainConfig
-    from nnunet_alice.pretrain.loop import parameter_groups, train_step
+    from nnunet_alice.pretrain.training.step import parameter_groups, train_step
     from nnunet_alice.pretrain.model import build_planned_network
-    from nnunet_alice.pretrain.objective_mae import MaeObjective
-    from nnunet_alice.pretrain.views import ViewSampler
+    from nnunet_alice.pretrain.objectives.mae import MaeObjective
+    from nnunet_alice.pretrain.data.views import ViewSampler
 
     cm = data.configuration_manager
     patch, batch_size = [int(p) for p in cm.patch_size], int(cm.batch_size)
@@ -124,7 +124,7 @@ def run(args) -> None:
 
     import torch
 
-    from nnunet_alice.pretrain.data import PretrainData, resolve_dataset_name
+    from nnunet_alice.pretrain.data.cases import PretrainData, resolve_dataset_name
 
     device = torch.device(args.device)
     if device.type == "cpu":

@@ -3,11 +3,16 @@
 Checks, each with a suggested fix: tensor coverage, per-stage shape mismatches, input-channel mapping, spacing,
 normalization, intensity statistics, patch-size ratio and pretraining data size. ``will_load`` is exactly the
 condition under which ``nnUNetTrainerAlice`` loads the checkpoint (errors block, warnings and notes do not).
+
+``alice_doctor CHECKPOINT -d ID -c CONFIG [-p PLANS]`` prints the report; exit code 0 when the checkpoint will load,
+1 when it will not (also when it cannot be read), 2 for a usage error (unknown dataset, missing plans, ...).
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -15,6 +20,7 @@ import torch
 
 from nnunet_alice.compat import (SEG_LAYER_TAG, adapt_input_channels, architecture_differences,
                                  channel_adaptation_problem, checkpoint_input_channels, state_dict_differences)
+from nnunet_alice.errors import AliceError, cli_main
 
 ERROR, WARNING, NOTE, OK = "error", "warning", "note", "ok"
 SPACING_TOLERANCE = 1.25        # per-axis ratio beyond which spacing is reported
@@ -272,3 +278,41 @@ def _check_data(report, meta) -> None:
                    "add unlabeled images with --unlabeled DIR or pretrain on a larger dataset")
     else:
         report.add("pretraining", OK, msg)
+
+
+# ---------------------------------------------------------------- alice_doctor (the command line)
+
+
+def load_target(dataset: str, plans_name: str, configuration: str):
+    """``(plans dict, dataset.json dict)`` of the target from ``$nnUNet_preprocessed``; one-line errors."""
+    from nnunet_alice.pretrain.data.cases import load_plans, resolve_dataset_name
+
+    _, plans_manager, _, dataset_json = load_plans(resolve_dataset_name(dataset), plans_name, configuration)
+    return plans_manager.plans, dataset_json
+
+
+@cli_main
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(prog="alice_doctor", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="an alice_pretrain checkpoint (or any file with 'network_weights')")
+    p.add_argument("-d", dest="dataset", required=True, help="target dataset ID or name")
+    p.add_argument("-c", dest="configuration", required=True, help="target configuration, e.g. 3d_fullres")
+    p.add_argument("-p", dest="plans", default="nnUNetPlans", help="target plans identifier")
+    a = p.parse_args(argv)
+    plans, dataset_json = load_target(a.dataset, a.plans, a.configuration)
+
+    from nnunet_alice.checkpoint import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(a.checkpoint)
+    except AliceError as e:
+        print(f"alice_doctor: WILL NOT LOAD: {e}")
+        sys.exit(1)
+    report = diagnose(ckpt, a.checkpoint, plans, a.configuration, dataset_json)
+    print(report.render())
+    sys.exit(0 if report.will_load else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from nnunet_alice.pretrain.config import PretrainConfig
-from nnunet_alice.pretrain.masking import batch_block_masks
+from nnunet_alice.pretrain.data.masking import batch_block_masks
 from nnunet_alice.pretrain.model import freeze_unused_output_layers
-from nnunet_alice.pretrain.schedules import Schedules
+from nnunet_alice.pretrain.training.schedules import Schedules
 
 PATCH = (16, 16, 16)
 

@@ -14,7 +14,7 @@ from alice_sandbox import TINY_PLANS, make_sandbox, pretrain_config
 @pytest.fixture(scope="module")
 def trainer_box(synth_dataset, tmp_path_factory):
     """``(sandbox, path of a 1-channel MAE checkpoint of the tiny plans)``."""
-    from nnunet_alice.pretrain.runner import PretrainRun
+    from nnunet_alice.pretrain.training.run import PretrainRun
 
     box = make_sandbox(synth_dataset, tmp_path_factory.mktemp("finetune"))
     with pytest.MonkeyPatch.context() as mp:

@@ -14,7 +14,7 @@ from alice_sandbox import TINY_PLANS, cli_args, make_sandbox
 from alice_trainer_utils import make_trainer, trainer_box, write_malicious_checkpoint  # noqa: F401 (fixture)
 from nnunet_alice.errors import AliceError
 from nnunet_alice.pretrain import cli
-from nnunet_alice.pretrain.data import UNLABELED_SUBDIR
+from nnunet_alice.pretrain.data.cases import UNLABELED_SUBDIR
 
 pytestmark = pytest.mark.slow
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from nnunet_alice.errors import AliceError
-from nnunet_alice.tools import bench_report
-from nnunet_alice.tools.bench_config import (BUDGETS, METHODS, Arm, get_budget, labelled_subset,
-                                             parse_method, resolve_label_counts)
-from nnunet_alice.tools.benchmark import Benchmark, read_summary
+from nnunet_alice.harness import report as bench_report
+from nnunet_alice.harness.config import (BUDGETS, METHODS, Arm, get_budget, labelled_subset,
+                                         parse_method, resolve_label_counts)
+from nnunet_alice.harness.cli import Benchmark, read_summary
 
 DS = "Dataset993_BenchFake"
 ENDING = ".nii.gz"
@@ -42,8 +42,8 @@ def _arg(argv, flag):
 
 
 def tool_of(argv):
-    """The console script, or the step of ``python -m nnunet_alice.tools.bench_steps STEP``."""
-    return argv[3] if argv[1:3] == ["-m", "nnunet_alice.tools.bench_steps"] else argv[0]
+    """The console script, or the step of ``python -m nnunet_alice.harness.steps STEP``."""
+    return argv[3] if argv[1:3] == ["-m", "nnunet_alice.harness.steps"] else argv[0]
 
 
 class FakeRunner:
@@ -262,7 +262,7 @@ def test_every_command_is_printed_with_its_environment(fake_env):
     b.run()
     cmds = [ln for ln in lines if ln.startswith("$ env ")]
     assert len(cmds) == 7  # fingerprint, plan, preprocess, initial weights, train, predict, evaluate
-    assert "nnunet_alice.tools.bench_steps init" in cmds[3] and "--seed 0" in cmds[3]
+    assert "nnunet_alice.harness.steps init" in cmds[3] and "--seed 0" in cmds[3]
     train = next(ln for ln in cmds if "nnUNetv2_train" in ln)
     for part in ("nnUNet_alice_pretrained=none", "ALICE_BENCH_SEED=0", "ALICE_BENCH_EPOCHS=1", "nnUNet_n_proc_DA=0",
                  "ALICE_BENCH_RECIPE=nnunet", f"ALICE_BENCH_INIT={b.init_file(0)}",
@@ -349,7 +349,7 @@ def test_one_pretraining_per_arm_when_the_budget_says_so(fake_env):
 
 
 def test_probe_column(fake_env, monkeypatch):
-    import nnunet_alice.tools.benchmark as benchmark
+    import nnunet_alice.harness.cli as benchmark
 
     monkeypatch.setattr(benchmark, "probe_available", lambda: True)
     runner = FakeRunner()
@@ -369,13 +369,13 @@ def test_probe_step_calls_the_probe_interface(tmp_path, monkeypatch):
     import sys
     import types
 
-    from nnunet_alice.tools import bench_steps
+    from nnunet_alice.harness import steps as bench_steps
 
     calls = []
-    fake = types.ModuleType("nnunet_alice.tools.probe")
+    fake = types.ModuleType("nnunet_alice.probe.cli")
     fake.probe_checkpoint = lambda *a, **kw: calls.append((a, kw)) or {"mean_dice": 0.42, "dice": {"1": 0.4},
                                                                          "tensor": object()}
-    monkeypatch.setitem(sys.modules, "nnunet_alice.tools.probe", fake)
+    monkeypatch.setitem(sys.modules, "nnunet_alice.probe.cli", fake)
     monkeypatch.setattr(bench_steps, "probe_available", lambda: True)
     out = tmp_path / "p" / "probe.json"
     assert bench_steps.main(["probe", "-d", "993", "-p", "P", "-c", "3d_fullres", "--checkpoint", "ck.pth",
@@ -428,7 +428,7 @@ def test_budget_check_warns_when_labels_do_not_matter():
 @pytest.mark.slow
 def test_real_tiny_cell_end_to_end(tmp_path, monkeypatch):
     """One real cell: plan, preprocess, train 1 epoch x 2 iterations, predict, evaluate with nnU-Net."""
-    from nnunet_alice.tools.synthetic import make_synthetic_dataset
+    from nnunet_alice.demo.synthetic import make_synthetic_dataset
 
     raw = tmp_path / "raw"
     make_synthetic_dataset(str(raw), dataset_id=996, num_train=2, num_test=1, shape=(32, 32, 32))
@@ -449,7 +449,7 @@ def test_real_tiny_cell_end_to_end(tmp_path, monkeypatch):
 
 
 def test_subprocess_runner_logs_output_and_exit_code(tmp_path):
-    from nnunet_alice.tools.bench_runner import subprocess_runner
+    from nnunet_alice.harness.runner import subprocess_runner
 
     log = tmp_path / "logs" / "x.log"
     rc, tail = subprocess_runner([sys.executable, "-c", "import sys; print('hello'); sys.exit(3)"], dict(os.environ),

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from nnunet_alice.pretrain.casa import CASA_TARGETS, CasaAlignment
+from nnunet_alice.pretrain.objectives.casa import CASA_TARGETS, CasaAlignment
 
 DIM, HEADS = 16, 4
 
@@ -135,7 +135,7 @@ def test_without_ema_copies():
 # ------------------------------------------------------------------ the target must not be fakeable by the student
 def _train_against(target_fn, steps=150, k=DIM):
     """Optimise a student (token maps + the CASA layer) for ``steps`` against T = target_fn(casa, x); CE losses."""
-    from nnunet_alice.pretrain.losses import CasaTokenLoss
+    from nnunet_alice.pretrain.objectives.losses import CasaTokenLoss
 
     torch.manual_seed(0)
     x = torch.randn(2, 8, DIM)                                   # the student's view, as tokens

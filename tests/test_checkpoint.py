@@ -357,13 +357,9 @@ def test_previous_checkpoint_sidecar_names_its_own_file(tmp_path):
     import shutil
     import subprocess
 
-    from nnunet_alice.pretrain.loop import LATEST, PREVIOUS, Checkpointer
+    from nnunet_alice.pretrain.training.checkpointing import LATEST, PREVIOUS, Checkpointer
 
-    class Run:
-        def payload(self, step, with_state):
-            return _payload(step=step)
-
-    cp = Checkpointer(str(tmp_path), Run())
+    cp = Checkpointer(str(tmp_path), lambda step, with_state: _payload(step=step))
     cp.save(LATEST, 1, with_state=True)
     cp.save(LATEST, 2, with_state=True)
     side = (tmp_path / (PREVIOUS + ".sha256")).read_text().split()

@@ -16,8 +16,8 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_alice.errors import AliceError
-from nnunet_alice.tools import demo_augment, demo_data, demo_sources
-from nnunet_alice.tools.demo_data import case_ids, make_demo_dataset
+from nnunet_alice.demo import augment as demo_augment, cli as demo_data, sources as demo_sources
+from nnunet_alice.demo.cli import case_ids, make_demo_dataset
 
 HAS_NILEARN = importlib.util.find_spec("nilearn") is not None
 HAS_CT = os.path.isfile(demo_sources.CRANIUM_PATH)

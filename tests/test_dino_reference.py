@@ -15,9 +15,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from nnunet_alice.pretrain.config import PretrainConfig
-from nnunet_alice.pretrain.ema import EmaTeacher
-from nnunet_alice.pretrain.losses import DinoCrossViewLoss
-from nnunet_alice.pretrain.schedules import Schedules
+from nnunet_alice.pretrain.objectives.ema import EmaTeacher
+from nnunet_alice.pretrain.objectives.losses import DinoCrossViewLoss
+from nnunet_alice.pretrain.training.schedules import Schedules
 
 
 # ----------------------------------------------------------------------------------- Algorithm 1, as printed
@@ -157,7 +157,7 @@ def test_schedules_match_the_paper_description_with_step_floors(steps, expected_
 def test_head_logits_are_cosines_with_unit_prototypes():
     """DINO App.: l2-normalised bottleneck, weight-normalised last layer with the norm fixed to 1 ->
     logits are cosine similarities, so a temperature means the same thing for every head width."""
-    from nnunet_alice.pretrain.heads import DinoHead
+    from nnunet_alice.pretrain.objectives.heads import DinoHead
 
     torch.manual_seed(0)
     head = DinoHead(10, 32, 8, 20)

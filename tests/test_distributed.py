@@ -8,8 +8,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from alice_fixtures import alice_batch, schedules_for, tiny_config, tiny_network
-from nnunet_alice.pretrain.loop import parameter_groups, train_step
-from nnunet_alice.pretrain.objective_alice import AliceObjective
+from nnunet_alice.pretrain.training.step import parameter_groups, train_step
+from nnunet_alice.pretrain.objectives.alice import AliceObjective
 
 GLOBAL_BATCH = 4
 LR, WD, CLIP = 5e-3, 0.04, 3.0

@@ -10,7 +10,7 @@ from alice_sandbox import TINY_PLANS
 from alice_trainer_utils import make_trainer, trainer_box, write_malicious_checkpoint  # noqa: F401 (fixture)
 from nnunet_alice.checkpoint import load_checkpoint
 from nnunet_alice.doctor import ERROR, NOTE, OK, WARNING, diagnose, stage_of
-from nnunet_alice.tools import doctor as doctor_cli
+from nnunet_alice import doctor as doctor_cli
 
 pytestmark = pytest.mark.slow
 TOPICS = ["input channels", "tensors", "spacing", "normalization", "intensity statistics", "patch size",

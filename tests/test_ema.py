@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from nnunet_alice.pretrain.ema import EmaTeacher, unwrap
+from nnunet_alice.pretrain.objectives.ema import EmaTeacher, unwrap
 
 
 def _net():
@@ -116,7 +116,7 @@ def test_update_through_real_ddp(tmp_path):
 
 
 def test_weight_normed_head_is_copied_and_averaged():
-    from nnunet_alice.pretrain.heads import DinoHead
+    from nnunet_alice.pretrain.objectives.heads import DinoHead
 
     student = DinoHead(8, 16, 4, 6)
     teacher = EmaTeacher(student)

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from nnunet_alice.errors import AliceError
-from nnunet_alice.pretrain import run_lock
-from nnunet_alice.pretrain.run_lock import LOCK_NAME, RunLock
+from nnunet_alice.pretrain.training import run_lock
+from nnunet_alice.pretrain.training.run_lock import LOCK_NAME, RunLock
 
-HOLD_LOCK = ("import sys, time\nfrom nnunet_alice.pretrain.run_lock import RunLock\n"
+HOLD_LOCK = ("import sys, time\nfrom nnunet_alice.pretrain.training.run_lock import RunLock\n"
              "lock = RunLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(300)\n")
 
 
@@ -107,7 +107,7 @@ def test_stop_handlers_are_scoped_and_forked_workers_keep_the_default(tmp_path):
     """A forked data worker must die from SIGTERM even when stuck in C code: no Python-level handler in it."""
     import multiprocessing
 
-    from nnunet_alice.pretrain import loop
+    from nnunet_alice.pretrain.training import step as loop
 
     before = signal.getsignal(signal.SIGTERM)
     with loop.stop_between_steps():
@@ -124,7 +124,7 @@ def _stop_worker(rank, world, port, out_dir):
     import torch
     import torch.distributed as dist
 
-    from nnunet_alice.pretrain import loop
+    from nnunet_alice.pretrain.training import step as loop
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -246,7 +246,7 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(box, capsys, monk
 @pytest.mark.slow
 def test_read_only_preprocessed_folder_with_unlabeled_images(box, tmp_path, capsys, monkeypatch):
     from alice_sandbox import cli_args
-    from nnunet_alice.pretrain import data as data_mod
+    from nnunet_alice.pretrain.data.cases import cases as data_mod
     from test_bad_inputs import volume, write_image
 
     makedirs = os.makedirs
@@ -310,7 +310,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(box, tmp_path, capsy
     from alice_sandbox import cli_args, pretrain_config
     from nnunet_alice.checkpoint import load_checkpoint
     from nnunet_alice.pretrain import cli
-    from nnunet_alice.pretrain.runner import PretrainRun
+    from nnunet_alice.pretrain.training.run import PretrainRun
     from test_resume import max_abs_diff
 
     steps = 40
@@ -350,7 +350,7 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_143(box, tmp_path, capsy
 
 @pytest.mark.slow
 def test_sigint_stops_between_steps_with_a_checkpoint(box, tmp_path, monkeypatch):
-    import nnunet_alice.pretrain.runner as runner_mod
+    import nnunet_alice.pretrain.training.run as runner_mod
     from alice_sandbox import pretrain_config
     from nnunet_alice.checkpoint import load_checkpoint
     from nnunet_alice.errors import RunStopped

@@ -219,7 +219,7 @@ def test_encoder_learning_rate_is_a_fixed_fraction(tiny):
 def test_nnunet_recipe_is_nnunets_own_schedule(trainer_box, monkeypatch, tmp_path):
     """The benchmark's scratch arm: nnUNetTrainer's SGD 1e-2 and per-epoch poly, no warm-up."""
     from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-    from nnunet_alice.tools.bench_trainers import nnUNetTrainerAlice_bench
+    from nnunet_alice.harness.trainers import nnUNetTrainerAlice_bench
 
     box, _ = trainer_box
     monkeypatch.setenv("ALICE_BENCH_RECIPE", "nnunet")

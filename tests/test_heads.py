@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from nnunet_alice.pretrain.heads import (ClsPooling, DinoHead, PreNormTap, TokenProjection, flatten_tokens,
-                                         global_pool_tokens, prenorm_conv)
+from nnunet_alice.pretrain.objectives.heads import (ClsPooling, DinoHead, PreNormTap, TokenProjection, flatten_tokens,
+                                                    global_pool_tokens, prenorm_conv)
 
 
 def _small_head(**kw):
@@ -192,7 +192,7 @@ def _synthetic_volumes(n: int, size: int, seed: int) -> torch.Tensor:
     """``n`` different CT-like volumes (alice_synth_data's generator), z-scored like nnU-Net's CT normalisation."""
     import numpy as np
 
-    from nnunet_alice.tools.synthetic import synthetic_case
+    from nnunet_alice.demo.synthetic import synthetic_case
 
     rng = np.random.default_rng(seed)
     out = []
@@ -218,7 +218,7 @@ def test_cls_tells_volumes_apart_at_initialisation(build):
     import math
 
     from alice_fixtures import schedules_for, tiny_config
-    from nnunet_alice.pretrain.objective_alice import AliceObjective
+    from nnunet_alice.pretrain.objectives.alice import AliceObjective
 
     calib, vols = _synthetic_volumes(8, 32, seed=1), _synthetic_volumes(8, 32, seed=2)
     k = 512

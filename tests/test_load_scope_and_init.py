@@ -98,9 +98,9 @@ def test_trainer_load_scope_default_env_and_plans(trainer_box, monkeypatch, tmp_
 def test_init_matched_weights_are_bit_identical(trainer_box, monkeypatch, tmp_path):
     """The benchmark's scratch arm and pretraining start from the same tensors for a seed (and not for another)."""
     from alice_sandbox import TINY_PLANS, pretrain_config
-    from nnunet_alice.pretrain.runner import PretrainRun
-    from nnunet_alice.tools.bench_steps import write_init
-    from nnunet_alice.tools.bench_trainers import nnUNetTrainerAlice_bench
+    from nnunet_alice.pretrain.training.run import PretrainRun
+    from nnunet_alice.harness.steps import write_init
+    from nnunet_alice.harness.trainers import nnUNetTrainerAlice_bench
 
     box, _ = trainer_box
     box.apply(monkeypatch)

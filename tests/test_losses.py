@@ -8,8 +8,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-from nnunet_alice.pretrain.losses import (CasaTokenLoss, DinoCrossViewLoss, kl_to_uniform, probs_entropy,
-                                          probs_kl_to_uniform, reconstruction_loss, sinkhorn_knopp, teacher_entropy)
+from nnunet_alice.pretrain.objectives.losses import (CasaTokenLoss, DinoCrossViewLoss, kl_to_uniform, probs_entropy,
+                                                     probs_kl_to_uniform, reconstruction_loss, sinkhorn_knopp,
+                                                     teacher_entropy)
 
 
 def softmax(xs, tau=1.0, c=None):

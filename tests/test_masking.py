@@ -1,8 +1,8 @@
-"""Per-sample block masks (``nnunet_alice.pretrain.masking``): exact ratio, block structure, independence."""
+"""Per-sample block masks (``nnunet_alice.pretrain.data.masking``): exact ratio, block structure, independence."""
 import numpy as np
 import pytest
 
-from nnunet_alice.pretrain.masking import batch_block_masks, block_grid, random_block_mask
+from nnunet_alice.pretrain.data.masking import batch_block_masks, block_grid, random_block_mask
 
 # (patch, block, ratio): the block divides every patch axis, so the ratio is hit exactly in voxels
 EXACT_CASES = [

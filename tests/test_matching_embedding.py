@@ -12,13 +12,13 @@ from nnunet_alice.errors import AliceError
 from nnunet_alice.pretrain.config import PretrainConfig
 from nnunet_alice.pretrain.matching import build_matcher
 from nnunet_alice.pretrain.matching.base import CaseVolume
-from nnunet_alice.pretrain.matching.embedding import EmbeddingMatcher
-from nnunet_alice.pretrain.matching.embedding.cache import EmbeddingStore
-from nnunet_alice.pretrain.matching.embedding.model_file import load_model, model_path, save_model
-from nnunet_alice.pretrain.matching.embedding.network import AnatomicalEmbeddingNet, embed_volume
-from nnunet_alice.pretrain.matching.embedding.search import CaseEmbedding, match_embeddings
-from nnunet_alice.pretrain.matching.embedding.train import TrainConfig, train_embedding
-from nnunet_alice.pretrain.matching.embedding.volume import normalize_intensity
+from nnunet_alice.embedding import EmbeddingMatcher
+from nnunet_alice.embedding.cache import EmbeddingStore
+from nnunet_alice.embedding.model_file import load_model, model_path, save_model
+from nnunet_alice.embedding.network import AnatomicalEmbeddingNet, embed_volume
+from nnunet_alice.embedding.search import CaseEmbedding, match_embeddings
+from nnunet_alice.embedding.train import TrainConfig, train_embedding
+from nnunet_alice.embedding.volume import normalize_intensity
 from nnunet_alice.pretrain.matching.sampling import match_with_retries
 
 TINY = {"features": [4, 8, 16], "n_conv_per_stage": 1, "fine_dim": 8, "coarse_dim": 8,
@@ -176,8 +176,8 @@ def test_trained_embedding_recovers_a_known_translation():
 @pytest.mark.parametrize("fov_prob", [0.0, 1.0])
 def test_training_pairs_correspond_inside_both_fields_of_view(fov_prob):
     from scipy.ndimage import map_coordinates
-    from nnunet_alice.pretrain.matching.embedding.pairs import PairConfig, make_pair
-    from nnunet_alice.pretrain.matching.embedding.train import foreground_points
+    from nnunet_alice.embedding.pairs import PairConfig, make_pair
+    from nnunet_alice.embedding.train import foreground_points
 
     vol = normalize_intensity(blobs((32, 32, 32), seed=2))
     cfg = PairConfig(crop=(32, 32, 32), points=64, fov_prob=fov_prob, fov_range=(0.6, 0.8))
@@ -319,7 +319,7 @@ def _fake_preprocessed_dataset(root, name="Dataset990_Toy", n=3):
 
 
 def test_alice_embed_cli_writes_model_plot_log_and_cache(tmp_path, monkeypatch):
-    from nnunet_alice.pretrain.matching.embedding.cli import main
+    from nnunet_alice.embedding.cli import main
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         (tmp_path / var).mkdir()
         monkeypatch.setenv(var, str(tmp_path / var))
@@ -339,14 +339,14 @@ def test_alice_embed_cli_writes_model_plot_log_and_cache(tmp_path, monkeypatch):
     # the pretraining side finds the model and reuses the cache
     cfg = PretrainConfig(dataset_name="Dataset990_Toy", matcher="embedding", device="cpu")
     matcher = build_matcher("embedding", cfg, cache_dir=os.path.join(ds, "alice_matching"))  # as the runner does
-    from nnunet_alice.pretrain.data import PretrainData
+    from nnunet_alice.pretrain.data.cases import PretrainData
     data = PretrainData("Dataset990_Toy", "nnUNetPlans", "3d_fullres")
     matcher.prepare([data.load(r) for r in data.cases])
     assert (matcher.store.n_loaded, matcher.store.n_computed) == (3, 0)
 
 
 def test_alice_embed_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
-    from nnunet_alice.pretrain.matching.embedding.cli import main
+    from nnunet_alice.embedding.cli import main
     monkeypatch.delenv("nnUNet_preprocessed", raising=False)
     with pytest.raises(SystemExit) as e:
         main(["-d", "990", "-c", "3d_fullres", "-device", "cpu"])

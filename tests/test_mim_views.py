@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nnunet_alice.pretrain.config import PretrainConfig
-from nnunet_alice.pretrain.data import PretrainData
-from nnunet_alice.pretrain.views import ViewSampler, build_view_transforms, split_spatial_intensity
+from nnunet_alice.pretrain.data.cases import PretrainData
+from nnunet_alice.pretrain.data.views import ViewSampler, build_view_transforms, split_spatial_intensity
 
 PATCH = [24, 32, 32]
 

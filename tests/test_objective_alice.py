@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from alice_fixtures import alice_batch, schedules_for, tiny_config, tiny_network
-from nnunet_alice.pretrain.loop import parameter_groups, train_step
-from nnunet_alice.pretrain.objective_alice import AliceObjective
+from nnunet_alice.pretrain.training.step import parameter_groups, train_step
+from nnunet_alice.pretrain.objectives.alice import AliceObjective
 
 
 def make(**overrides):

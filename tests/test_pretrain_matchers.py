@@ -13,7 +13,7 @@ import torch
 
 from alice_sandbox import TINY_PLANS, cli_args, make_sandbox, pretrain_config
 from nnunet_alice.checkpoint import load_checkpoint
-from nnunet_alice.pretrain.runner import PretrainRun
+from nnunet_alice.pretrain.training.run import PretrainRun
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def test_registration_matcher_in_pretraining(box):
 
 
 def test_embedding_matcher_in_pretraining_after_alice_embed(box):
-    from nnunet_alice.pretrain.matching.embedding.cli import main as alice_embed
+    from nnunet_alice.embedding.cli import main as alice_embed
 
     threads = torch.get_num_threads()
     try:

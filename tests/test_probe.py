@@ -24,7 +24,7 @@ FAST_CLI = ["--voxels", 4000, "--steps", 60]
 def test_gathered_features_match_predicted_logits(variant):
     """A head applied to gathered training features gives exactly the stitched prediction at those voxels
     (windows overlap and the volume is smaller than the patch on one axis, so padding and stitching are used)."""
-    from nnunet_alice.tools.probe_net import WindowFeatures
+    from nnunet_alice.probe.features import WindowFeatures
 
     torch.manual_seed(0)
     net = build_tiny_unet().eval()
@@ -41,7 +41,7 @@ def test_gathered_features_match_predicted_logits(variant):
 
 
 def test_sample_at_equals_trilinear_upsampling():
-    from nnunet_alice.tools.probe_net import sample_at
+    from nnunet_alice.probe.features import sample_at
 
     stage = torch.randn(5, 3, 4, 6)
     window = (12, 16, 24)
@@ -52,7 +52,7 @@ def test_sample_at_equals_trilinear_upsampling():
 
 
 def test_linear_head_separates_and_is_deterministic():
-    from nnunet_alice.tools.probe import fit_linear_head
+    from nnunet_alice.probe.cli import fit_linear_head
 
     g = torch.Generator().manual_seed(0)
     y = torch.cat([torch.full((300,), 0), torch.full((40,), 1), torch.full((20,), 2)])  # imbalanced classes
@@ -72,7 +72,7 @@ def test_linear_head_separates_and_is_deterministic():
 
 
 def test_dice_per_class():
-    from nnunet_alice.tools.probe import dice_per_class
+    from nnunet_alice.probe.cli import dice_per_class
 
     ref = np.zeros((4, 4, 4), int)
     ref[:2] = 1
@@ -108,9 +108,9 @@ def _copy_preprocessed(ds, tmp_path: Path, keep=None, drop_segs=False) -> Path:
 def _save_planned_checkpoint(ds, path: Path, seed: int, with_metadata=True, state=None) -> Path:
     """A checkpoint of the fixture's planned network (nnU-Net init under ``seed``) in the package's format."""
     from nnunet_alice.checkpoint import make_payload, network_state_dict, save_checkpoint
-    from nnunet_alice.pretrain.data import load_plans
-    from nnunet_alice.pretrain.metadata import architecture_of
-    from nnunet_alice.tools.probe_net import build_probe_network
+    from nnunet_alice.pretrain.data.cases import load_plans
+    from nnunet_alice.pretrain.training.metadata import architecture_of
+    from nnunet_alice.probe.features import build_probe_network
 
     _, pm, cm, dj = load_plans(ds.dataset_name, PLANS, CONFIG)
     net = build_probe_network(pm, cm, dj, "random", seed)
@@ -145,7 +145,7 @@ def test_probe_random_and_checkpoint_cli(synth_dataset, tmp_path, monkeypatch, c
     from nnunet_alice.checkpoint import sha256_of_file
 
     ckpt = _save_planned_checkpoint(ds, tmp_path / "ck" / "checkpoint_final.pth", seed=11)
-    from nnunet_alice.tools.probe import main   # in-process from here on: the imports are paid once
+    from nnunet_alice.probe.cli import main   # in-process from here on: the imports are paid once
 
     capsys.readouterr()
     main(["-d", ds.dataset_name, "-c", CONFIG, "--checkpoint", str(ckpt), "--labels", "all", "--features", "encoder",
@@ -159,7 +159,7 @@ def test_probe_random_and_checkpoint_cli(synth_dataset, tmp_path, monkeypatch, c
 
 
 def test_probe_deterministic_by_seed(synth_dataset, monkeypatch):
-    from nnunet_alice.tools.probe import probe_checkpoint
+    from nnunet_alice.probe.cli import probe_checkpoint
 
     _use(monkeypatch, synth_dataset)
     runs = [probe_checkpoint(synth_dataset.dataset_name, CONFIG, PLANS, "random", 2, seed, write=False, **FAST)
@@ -171,7 +171,7 @@ def test_probe_deterministic_by_seed(synth_dataset, monkeypatch):
 
 
 def test_probe_holds_out_training_cases_without_test_set(synth_dataset, tmp_path, monkeypatch):
-    from nnunet_alice.tools.probe import probe_checkpoint
+    from nnunet_alice.probe.cli import probe_checkpoint
 
     (tmp_path / "raw").mkdir()
     _use(monkeypatch, synth_dataset, raw=tmp_path / "raw")
@@ -184,7 +184,7 @@ def test_probe_holds_out_training_cases_without_test_set(synth_dataset, tmp_path
 # ---------------------------------------------------------------------------------------------- bad input
 def _expect_cli_error(ds, capsys, args, match: str) -> str:
     """``alice_probe ARGS`` (in-process) exits 2 with one line on stderr that contains ``match``."""
-    from nnunet_alice.tools.probe import main
+    from nnunet_alice.probe.cli import main
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
@@ -224,7 +224,7 @@ def test_bad_labels_larger_than_labelled_cases(synth_dataset, tmp_path, monkeypa
 
 def test_bad_no_test_cases_and_no_room(synth_dataset, tmp_path, monkeypatch):
     from nnunet_alice.errors import AliceError
-    from nnunet_alice.tools.probe import probe_checkpoint
+    from nnunet_alice.probe.cli import probe_checkpoint
 
     pre = _copy_preprocessed(synth_dataset, tmp_path, keep={"synth_000"})
     (tmp_path / "raw").mkdir()
@@ -237,7 +237,7 @@ def test_bad_no_test_cases_and_no_room(synth_dataset, tmp_path, monkeypatch):
 
 def test_bad_dataset_without_labels(synth_dataset, tmp_path, monkeypatch):
     from nnunet_alice.errors import AliceError
-    from nnunet_alice.tools.probe import probe_checkpoint
+    from nnunet_alice.probe.cli import probe_checkpoint
 
     pre = _copy_preprocessed(synth_dataset, tmp_path, drop_segs=True)
     _use(monkeypatch, synth_dataset, preprocessed=pre)
@@ -258,9 +258,9 @@ def _supervised_checkpoint(ds, path: Path, steps: int) -> Path:
     """The fixture's planned network after ``steps`` Adam steps of cross-entropy on the 4 training cases (whole
     cases cropped/padded to the patch): a feature extractor that knows the organs, unlike the random init."""
     from nnunet_alice.checkpoint import make_payload, network_state_dict, save_checkpoint
-    from nnunet_alice.pretrain.metadata import architecture_of
-    from nnunet_alice.tools.probe_data import ProbeData
-    from nnunet_alice.tools.probe_net import build_probe_network
+    from nnunet_alice.pretrain.training.metadata import architecture_of
+    from nnunet_alice.probe.cases import ProbeData
+    from nnunet_alice.probe.features import build_probe_network
 
     data = ProbeData(ds.dataset_name, PLANS, CONFIG)
     cm = data.configuration_manager
@@ -289,7 +289,7 @@ def _supervised_checkpoint(ds, path: Path, steps: int) -> Path:
 
 @pytest.mark.slow
 def test_probe_prefers_a_network_that_knows_the_organs(synth_dataset, tmp_path, monkeypatch):
-    from nnunet_alice.tools.probe import probe_checkpoint
+    from nnunet_alice.probe.cli import probe_checkpoint
 
     _use(monkeypatch, synth_dataset)
     ckpt = _supervised_checkpoint(synth_dataset, tmp_path / "supervised.pth", steps=15)

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import nnunet_alice.pretrain.runner as runner_mod
+import nnunet_alice.pretrain.training.run as runner_mod
 from alice_sandbox import TINY_PLANS, cli_args, make_sandbox, pretrain_config
 from nnunet_alice.checkpoint import load_checkpoint
 from nnunet_alice.errors import AliceError
-from nnunet_alice.pretrain.loop import FINAL, LATEST, PREVIOUS
-from nnunet_alice.pretrain.monitor import CollapseMonitor
-from nnunet_alice.pretrain.runner import PretrainRun, settings_changes
+from nnunet_alice.pretrain.training.checkpointing import FINAL, LATEST, PREVIOUS
+from nnunet_alice.pretrain.training.monitor import CollapseMonitor
+from nnunet_alice.pretrain.training.run import PretrainRun, settings_changes
 
 pytestmark = pytest.mark.slow
 
@@ -213,7 +213,7 @@ def test_continue_with_changed_batch_or_patch_size_is_refused_unless_allowed(box
 # ---------------------------------------------------------------------------------------------- NaN / Inf
 def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_good(box, tmp_path, monkeypatch, capsys):
     from nnunet_alice.pretrain import cli
-    from nnunet_alice.pretrain.objective_mae import MaeObjective
+    from nnunet_alice.pretrain.objectives.mae import MaeObjective
 
     forward = MaeObjective.forward
 
@@ -237,7 +237,7 @@ def test_non_finite_loss_stops_with_step_and_term_and_keeps_last_good(box, tmp_p
 
 
 def test_non_finite_gradient_is_caught_before_the_weights_change(box, tmp_path, monkeypatch):
-    from nnunet_alice.pretrain.objective_mae import MaeObjective
+    from nnunet_alice.pretrain.objectives.mae import MaeObjective
 
     def inf_grad(self, step):
         next(self.network.parameters()).grad.fill_(float("inf"))
@@ -272,7 +272,7 @@ def test_collapse_monitor_states():
 
 
 def test_collapsed_teacher_is_reported_in_log_and_console(box, tmp_path, monkeypatch, capsys):
-    from nnunet_alice.pretrain.objective_alice import AliceObjective
+    from nnunet_alice.pretrain.objectives.alice import AliceObjective
 
     forward = AliceObjective.forward
 

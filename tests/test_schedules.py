@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from nnunet_alice.pretrain.config import PretrainConfig
-from nnunet_alice.pretrain.schedules import Schedules, cosine_schedule, linear_warmup_constant, momentum_schedule
+from nnunet_alice.pretrain.training.schedules import (Schedules, cosine_schedule, linear_warmup_constant,
+                                                      momentum_schedule)
 
 
 def test_cosine_with_warmup_closed_form():
@@ -81,7 +82,7 @@ def test_schedules_from_config():
 
 
 def test_steps_with_floor():
-    from nnunet_alice.pretrain.schedules import steps_with_floor
+    from nnunet_alice.pretrain.training.schedules import steps_with_floor
 
     assert steps_with_floor(0.05, 50, 10_000) == 500             # the fraction wins on long runs
     assert steps_with_floor(0.05, 50, 200) == 50                 # the floor on short ones

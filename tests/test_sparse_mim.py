@@ -1,4 +1,4 @@
-"""SparK-style masked image modelling on the planned network (``nnunet_alice.pretrain.sparse``): visible-only norm
+"""SparK-style masked image modelling on the planned network (``pretrain/objectives/sparse.py``): visible-only norm
 statistics, masks re-applied at every encoder output, mask tokens + densify only at masked positions, a separate
 reconstruction head, the loss on masked voxels, unchanged network keys, PlainConvUNet and ResidualEncoderUNet."""
 import copy
@@ -12,9 +12,9 @@ from torch.nn import functional as F
 from conftest import tiny_arch_kwargs
 from nnunet_alice.errors import AliceError
 from nnunet_alice.pretrain.config import PretrainConfig
-from nnunet_alice.pretrain.masking import batch_block_masks
-from nnunet_alice.pretrain.objective_mae import MaeObjective
-from nnunet_alice.pretrain.sparse import SparseMaskedModel, block_normalise, masked_instance_norm, mim_loss
+from nnunet_alice.pretrain.data.masking import batch_block_masks
+from nnunet_alice.pretrain.objectives.mae import MaeObjective
+from nnunet_alice.pretrain.objectives.sparse import SparseMaskedModel, block_normalise, masked_instance_norm, mim_loss
 
 PATCH = (16, 16, 16)
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
@@ -261,7 +261,7 @@ def test_bad_masking_is_one_line():
 @pytest.mark.parametrize("masking", ["spark", "zero"])
 def test_alice_reconstruction_term_uses_the_clean_targets_on_masked_voxels(masking):
     from alice_fixtures import alice_batch, schedules_for, tiny_config, tiny_network
-    from nnunet_alice.pretrain.objective_alice import AliceObjective
+    from nnunet_alice.pretrain.objectives.alice import AliceObjective
 
     cfg = tiny_config(masking=masking)
     obj = AliceObjective(tiny_network(), cfg, schedules_for(cfg))

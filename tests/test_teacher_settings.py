@@ -5,7 +5,7 @@ import pytest
 
 from nnunet_alice.errors import AliceError
 from nnunet_alice.pretrain.config import PretrainConfig
-from nnunet_alice.pretrain.monitor import CollapseMonitor
+from nnunet_alice.pretrain.training.monitor import CollapseMonitor
 
 
 def test_defaults_are_valid():

@@ -12,8 +12,8 @@ import torch
 
 from nnunet_alice.errors import AliceError
 from nnunet_alice.pretrain.config import PretrainConfig
-from nnunet_alice.pretrain.data import UNLABELED_SUBDIR, PretrainData
-from nnunet_alice.pretrain.views import ViewSampler, make_loader
+from nnunet_alice.pretrain.data.cases import UNLABELED_SUBDIR, PretrainData
+from nnunet_alice.pretrain.data.views import ViewSampler, make_loader
 
 PLANS, CONFIG = "nnUNetPlans", "3d_fullres"
 

@@ -13,14 +13,14 @@ import time
 import pytest
 
 from nnunet_alice.errors import AliceError
-from nnunet_alice.pretrain.workers import WatchedLoader
+from nnunet_alice.pretrain.data.workers import WatchedLoader
 
 # A sampler with the batchgenerators protocol that does what ViewSampler's augmentation does in a worker: torch
 # element-wise ops and matmuls large enough for torch to use its OpenMP pool. The parent warms that pool (2 threads)
 # before forking.
 PARENT = textwrap.dedent("""
     import os, sys, time, torch
-    from nnunet_alice.pretrain.views import ViewSampler, make_loader
+    from nnunet_alice.pretrain.data.views import ViewSampler, make_loader
 
     class Sampler:
         number_of_threads_in_multithreaded = 1

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> PretrainConfig:
-    from nnunet_alice.pretrain.data import resolve_dataset_name
+    from nnunet_alice.pretrain.data.cases import resolve_dataset_name
 
     values = {k: v for k, v in vars(args).items() if k not in ("dataset", "resume", "allow_settings_change")}
     values["dataset_name"] = resolve_dataset_name(args.dataset)
@@ -129,14 +129,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         from nnunet_alice.pretrain.estimate import run_estimate
         run_estimate(config, steps=args.estimate)
         return
-    from nnunet_alice.pretrain.runner import PretrainRun
+    from nnunet_alice.pretrain.training.run import PretrainRun
 
     try:
         PretrainRun(config, resume=args.resume, allow_settings_change=args.allow_settings_change).run()
     except AliceError:
         raise
     finally:
-        from nnunet_alice.pretrain import distributed as dist_utils
+        from nnunet_alice.pretrain.training import distributed as dist_utils
         import torch.distributed as dist
         if dist_utils.world_size() > 1:
             dist.destroy_process_group()

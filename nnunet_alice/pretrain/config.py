@@ -16,8 +16,8 @@ MATCHERS = ("intra", "registration", "embedding")
 CASA_TARGETS = ("teacher_encoder_ema", "teacher_decoder_shared")
 RECON_REGIONS = ("masked", "all")
 MASKINGS = ("spark", "zero")
-CENTERINGS = ("sinkhorn", "center")       # teacher targets (pretrain/losses.py)
-CLS_POOLS = ("prenorm_mlp", "prenorm_mean", "mean")  # what the CLS vector pools (pretrain/heads.py)
+CENTERINGS = ("sinkhorn", "center")       # teacher targets (pretrain/objectives/losses.py)
+CLS_POOLS = ("prenorm_mlp", "prenorm_mean", "mean")  # what the CLS vector pools (pretrain/objectives/heads.py)
 
 
 @dataclass
@@ -47,7 +47,7 @@ class PretrainConfig:
     # masking
     mask_ratio: float = 0.75
     mask_block_size: int = 16     # voxels per block edge (clipped to the patch size)
-    masking: str = "spark"        # spark: sparse encoder + mask tokens/densify (pretrain/sparse.py); zero: dense
+    masking: str = "spark"        # spark: sparse encoder + mask tokens/densify (objectives/sparse.py); zero: dense
     recon_norm_target: bool = False  # reconstruct the target standardised per mask block
 
     # heads and temperatures (DINO-style head, Sec. 3 / official code)
@@ -63,7 +63,7 @@ class PretrainConfig:
     center_momentum: float = 0.9
     momentum_teacher: float = 0.996
     freeze_last_layer_fraction: float = 0.001
-    freeze_last_layer_min_steps: int = 25     # floor in steps (capped at half the run), pretrain/schedules.py
+    freeze_last_layer_min_steps: int = 25     # floor in steps (capped at half the run), pretrain/training/schedules.py
     warmup_teacher_temp_min_steps: int = 50
     centering: str = "sinkhorn"   # teacher targets: Sinkhorn-Knopp (batch 2-8 safe) or DINO's centre
     sinkhorn_iterations: int = 3

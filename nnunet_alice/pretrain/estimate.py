@@ -52,8 +52,8 @@ def format_duration(seconds: float) -> str:
 
 def time_steps(run, steps: int, warmup: int = WARMUP_STEPS) -> Dict[str, float]:
     """Run ``warmup + steps`` optimisation steps of ``run`` (a ``PretrainRun``) with its real loader; timings."""
-    from nnunet_alice.pretrain.loop import train_step
-    from nnunet_alice.pretrain.views import make_loader
+    from nnunet_alice.pretrain.training.step import train_step
+    from nnunet_alice.pretrain.data.views import make_loader
 
     cfg, sch, device = run.config, run.schedules, run.device
     kwargs = {"timeout": cfg.data_timeout} if getattr(cfg, "data_timeout", None) else {}
@@ -94,8 +94,8 @@ def run_estimate(config, steps: int = DEFAULT_STEPS, echo: Callable[[str], None]
     """Build the run of ``config``, time ``steps`` steps after a warm-up, print the estimate; nothing is written."""
     if steps < 1:
         raise AliceError(f"--estimate takes the number of timed steps (>= 1), got {steps}")
-    from nnunet_alice.pretrain import distributed as dist_utils
-    from nnunet_alice.pretrain.runner import PretrainRun
+    from nnunet_alice.pretrain.training import distributed as dist_utils
+    from nnunet_alice.pretrain.training.run import PretrainRun
 
     # the run is built for a folder that is never created, so that neither the real output folder nor the lock
     # of a run that may be training in it right now is touched

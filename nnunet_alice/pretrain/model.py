@@ -3,7 +3,7 @@
 * ``build_planned_network``: nnU-Net's own builder (``nnUNetTrainer.build_network_architecture`` →
   ``get_network_from_plans``) with as many output channels as input channels, so every tensor has the key and
   shape of the network nnU-Net will fine-tune except the segmentation layers, which pretraining does not use
-  (reconstruction has its own head, ``pretrain/sparse.py``) and fine-tuning never loads.
+  (reconstruction has its own head, ``pretrain/objectives/sparse.py``) and fine-tuning never loads.
 * ``UNetFeatures``: runs the network once and returns its output plus the two feature maps Alice needs from a
   CNN U-Net (docs/method.md): the bottleneck (encoder tokens; its global average pool is the "CLS") and an early
   decoder stage (decoder tokens). Features are read with forward hooks, so nnU-Net's forward is never

@@ -8,7 +8,7 @@ checkpoint is adapted to more input channels), ``--c`` loading nnU-Net's checkpo
 and refusals (``AliceError``: a missing or incompatible checkpoint, a bad setting) written as one line to the
 training log and to stderr, then exit code 2. The network is built by nnU-Net's own builder, so
 ``nnUNetv2_predict`` needs nothing from this package but the class name. Other schedules (sawtooth, frozen
-encoder, lower encoder LR): ``nnunet_alice.trainers.schedules`` and docs/finetuning.md.
+encoder, lower encoder LR): ``nnunet_alice.trainers.variants`` and docs/finetuning.md.
 """
 from __future__ import annotations
 
@@ -198,58 +198,3 @@ class nnUNetTrainerAlice(nnUNetTrainer):
                                  f"({e})") from None
             if self.grad_scaler is not None and checkpoint.get("grad_scaler_state") is not None:
                 self.grad_scaler.load_state_dict(checkpoint["grad_scaler_state"])
-
-
-class nnUNetTrainerAlice_1epoch(nnUNetTrainerAlice):
-    default_num_epochs = 1
-
-
-class nnUNetTrainerAlice_5epochs(nnUNetTrainerAlice):
-    default_num_epochs = 5
-
-
-class nnUNetTrainerAlice_10epochs(nnUNetTrainerAlice):
-    default_num_epochs = 10
-
-
-class nnUNetTrainerAlice_20epochs(nnUNetTrainerAlice):
-    default_num_epochs = 20
-
-
-class nnUNetTrainerAlice_50epochs(nnUNetTrainerAlice):
-    default_num_epochs = 50
-
-
-class nnUNetTrainerAlice_100epochs(nnUNetTrainerAlice):
-    default_num_epochs = 100
-
-
-class nnUNetTrainerAlice_150epochs(nnUNetTrainerAlice):
-    """nnU-Net master's short pretrained schedule length (``PretrainedTrainer_150ep``)."""
-
-    default_num_epochs = 150
-
-
-class nnUNetTrainerAlice_250epochs(nnUNetTrainerAlice):
-    default_num_epochs = 250
-
-
-class nnUNetTrainerAlice_500epochs(nnUNetTrainerAlice):
-    default_num_epochs = 500
-
-
-class nnUNetTrainerAlice_tiny(nnUNetTrainerAlice):
-    """For tests and CPU smoke runs: 2 epochs of 2 training and 1 validation iteration, no mirroring TTA."""
-
-    default_num_epochs = 2
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_iterations_per_epoch = 2
-        self.num_val_iterations_per_epoch = 1
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, initial_patch, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        self.inference_allowed_mirroring_axes = None
-        return rotation, dummy_2d, initial_patch, ()

@@ -13,7 +13,7 @@ def build_matcher(name: str, config, cache_dir: str | None = None) -> Matcher:
         from nnunet_alice.pretrain.matching.registration import RegistrationMatcher
         return RegistrationMatcher(cache_dir=cache_dir)
     if name == "embedding":
-        from nnunet_alice.pretrain.matching.embedding import EmbeddingMatcher
+        from nnunet_alice.embedding import EmbeddingMatcher
         return EmbeddingMatcher.from_config(config, cache_dir=cache_dir)
     from nnunet_alice.errors import AliceError
     raise AliceError(f"unknown matcher {name!r}")

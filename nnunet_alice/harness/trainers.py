@@ -1,0 +1,111 @@
+"""Trainers used by ``alice_benchmark``: ``nnUNetTrainerAlice`` (and its sawtooth variant) with a budget, a seed,
+a recipe and initial weights set from the environment.
+
+Harness-only. nnU-Net builds trainers from a class name, so a benchmark with budget-dependent run lengths would
+need one class per budget; instead these classes read their settings in ``__init__`` (``nnUNetv2_predict`` does
+not use any of them, so predicting needs no environment):
+
+``ALICE_BENCH_EPOCHS``          epochs (default 50)
+``ALICE_BENCH_ITERATIONS``      training iterations per epoch (default 250, nnU-Net's)
+``ALICE_BENCH_VAL_ITERATIONS``  validation iterations per epoch (default 50, nnU-Net's)
+``ALICE_BENCH_SEED``            seeds python, numpy and torch before the network is built (nnU-Net has no seed
+                                flag); unset: not seeded
+``ALICE_BENCH_RECIPE``          ``pretrained`` (default): the recipe for pretrained weights (peak 1e-3,
+                                per-iteration warm-up, poly); ``nnunet``: nnU-Net's own schedule (SGD 1e-2, poly
+                                per epoch, no warm-up), the from-scratch baseline
+``ALICE_BENCH_INIT``            a file of ``nnunet_alice.trainers.init_weights``: every tensor of the network is
+                                set from it before the pretrained weights (if any) are loaded on top, so that all
+                                arms of one seed start from the draw pretraining started from
+``ALICE_BENCH_FINAL_VAL``       ``1`` runs nnU-Net's final validation of the fold's val cases; default ``0``
+                                skips it, because the benchmark evaluates on held-out test cases instead
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+from nnunet_alice.errors import AliceError
+from nnunet_alice.trainers.alice import NNUNET, PRETRAINED, nnUNetTrainerAlice
+from nnunet_alice.trainers.variants import _SawtoothMixin
+
+ENV_EPOCHS = "ALICE_BENCH_EPOCHS"
+ENV_ITERATIONS = "ALICE_BENCH_ITERATIONS"
+ENV_VAL_ITERATIONS = "ALICE_BENCH_VAL_ITERATIONS"
+ENV_SEED = "ALICE_BENCH_SEED"
+ENV_RECIPE = "ALICE_BENCH_RECIPE"
+ENV_INIT = "ALICE_BENCH_INIT"
+ENV_FINAL_VAL = "ALICE_BENCH_FINAL_VAL"
+NNUNET_DEFAULT_LR = 1e-2  # nnUNetTrainer.initial_lr
+
+
+def _env_int(name: str, default):
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise AliceError(f"environment variable {name} must be an integer, got {value!r}") from None
+    if number < (0 if name == ENV_SEED else 1):
+        raise AliceError(f"environment variable {name} must be positive, got {number}")
+    return number
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+class _BenchMixin:
+    default_num_epochs = 50
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        seed = os.environ.get(ENV_SEED, "").strip()
+        if seed.isdigit():
+            seed_everything(int(seed))
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        with self.refusals():
+            self.bench_seed = _env_int(ENV_SEED, None)
+            self.num_epochs = _env_int(ENV_EPOCHS, self.default_num_epochs)
+            self.num_iterations_per_epoch = _env_int(ENV_ITERATIONS, self.num_iterations_per_epoch)
+            self.num_val_iterations_per_epoch = _env_int(ENV_VAL_ITERATIONS, self.num_val_iterations_per_epoch)
+            recipe = os.environ.get(ENV_RECIPE, PRETRAINED).strip() or PRETRAINED
+            if recipe not in (PRETRAINED, NNUNET):
+                raise AliceError(f"environment variable {ENV_RECIPE} must be {PRETRAINED} or {NNUNET}, got {recipe!r}")
+        self.recipe = recipe
+        if recipe == NNUNET:
+            self.initial_lr, self.lr_source = NNUNET_DEFAULT_LR, "nnU-Net's default"
+        self.bench_init = os.environ.get(ENV_INIT, "").strip() or None
+        self.bench_final_validation = os.environ.get(ENV_FINAL_VAL, "0").strip() == "1"
+
+    def load_alice_weights(self) -> None:
+        if self.bench_init:
+            from nnunet_alice.trainers.init_weights import load_init_weights
+            load_init_weights(self.network, self.bench_init, include_seg_layers=True, log=self.print_to_log_file)
+        super().load_alice_weights()
+
+    def on_train_start(self):
+        self.print_to_log_file(f"alice_benchmark trainer: {self.num_epochs} epochs x {self.num_iterations_per_epoch} "
+                               f"iterations, {self.num_val_iterations_per_epoch} val iterations, recipe "
+                               f"{self.recipe}, seed {self.bench_seed}, initial weights {self.bench_init or 'drawn'}")
+        super().on_train_start()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if self.bench_final_validation:
+            return super().perform_actual_validation(save_probabilities)
+        self.print_to_log_file(f"alice_benchmark: final validation skipped ({ENV_FINAL_VAL}=0); the benchmark "
+                               "evaluates held-out test cases with nnUNetv2_predict")
+
+
+class nnUNetTrainerAlice_bench(_BenchMixin, nnUNetTrainerAlice):
+    """``nnUNetTrainerAlice`` with the ``ALICE_BENCH_*`` settings (see the module docstring)."""
+
+
+class nnUNetTrainerAlice_sawtooth_bench(_BenchMixin, _SawtoothMixin, nnUNetTrainerAlice):
+    """``nnUNetTrainerAlice_sawtooth`` with the ``ALICE_BENCH_*`` settings."""
+

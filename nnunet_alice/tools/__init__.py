@@ -1,1 +1,0 @@
-"""Command-line tools that ship with nnunet_alice (demo data generation, benchmarks)."""
