@@ -3,7 +3,7 @@
 It puts ``nnunet_alice/_ext`` on ``nnUNet_extTrainer`` so that
 ``nnUNetv2_train ... -tr nnUNetTrainerAlice`` works without any setup. It is
 stdlib-only, must never raise, and does nothing when
-``NNUNET_ALICE_NO_AUTODISCOVERY=1`` is set.
+``nnUNet_alice_no_autodiscovery=1`` is set.
 """
 
 
@@ -12,11 +12,10 @@ def _register() -> None:
     try:
         import os
 
-        if os.environ.get("NNUNET_ALICE_NO_AUTODISCOVERY", "").strip().lower() in (
-                "1", "true", "yes", "on"):
-            return
-        from nnunet_alice.discovery import ensure_registered
+        from nnunet_alice.discovery import ensure_registered, opted_out
 
+        if opted_out():
+            return
         ensure_registered(os.environ)
     except Exception:  # noqa: BLE001 - a broken hook must not break Python
         pass

@@ -7,7 +7,7 @@ a one-line shim that re-exports the trainers of :mod:`nnunet_alice.trainers`.
 
 A start-up hook (``nnunet_alice.pth`` -> :mod:`nnunet_alice._bootstrap`) calls
 :func:`ensure_registered` in every interpreter of the environment. Users who opt
-out with ``NNUNET_ALICE_NO_AUTODISCOVERY=1`` can register the folder by hand::
+out with ``nnUNet_alice_no_autodiscovery=1`` can register the folder by hand::
 
     export nnUNet_extTrainer=$(nnunet_alice_ext_path)
 
@@ -19,7 +19,7 @@ import sys
 ENV_VAR = "nnUNet_extTrainer"
 """Environment variable nnU-Net reads for extra trainer folders."""
 
-OPT_OUT_VAR = "NNUNET_ALICE_NO_AUTODISCOVERY"
+OPT_OUT_VAR = "nnUNet_alice_no_autodiscovery"
 """Set to 1/true/yes/on to stop the start-up hook from touching ``ENV_VAR``."""
 
 _TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -32,8 +32,9 @@ def ext_trainer_dir() -> str:
 
 def opted_out(environ=None) -> bool:
     """True if ``environ`` (default ``os.environ``) disables auto-discovery."""
-    env = os.environ if environ is None else environ
-    return str(env.get(OPT_OUT_VAR, "")).strip().lower() in _TRUE_WORDS
+    from nnunet_alice.env import getenv
+
+    return str(getenv(OPT_OUT_VAR, "", environ) or "").strip().lower() in _TRUE_WORDS
 
 
 def _norm(path: str) -> str:

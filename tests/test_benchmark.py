@@ -150,14 +150,14 @@ def test_run_matrix_complete_and_one_csv_row_per_cell(fake_env):
     assert len(trains) == 18
     by_fold = {}
     for argv, env in trains:
-        seed = int(env["ALICE_BENCH_SEED"])
-        by_fold.setdefault(argv[3], set()).add((seed, env["ALICE_BENCH_EPOCHS"], argv[argv.index("-p") + 1],
-                                                env["ALICE_BENCH_INIT"]))
+        seed = int(env["nnUNet_alice_bench_seed"])
+        by_fold.setdefault(argv[3], set()).add((seed, env["nnUNet_alice_bench_epochs"], argv[argv.index("-p") + 1],
+                                                env["nnUNet_alice_bench_init"]))
         method = os.path.basename(env["nnUNet_results"])
-        assert env["ALICE_BENCH_INIT"] == b.init_file(seed)
+        assert env["nnUNet_alice_bench_init"] == b.init_file(seed)
         expected = "none" if method == "scratch" else b.checkpoint(method, seed)
         assert env["nnUNet_alice_pretrained"] == expected
-        assert env["ALICE_BENCH_RECIPE"] == ("nnunet" if method == "scratch" else "pretrained")
+        assert env["nnUNet_alice_bench_recipe"] == ("nnunet" if method == "scratch" else "pretrained")
         assert env["nnUNet_alice_load"] == "encoder"
     assert len(by_fold) == 6 and all(len(v) == 1 for v in by_fold.values())
     # splits: one per (labels, seed), labelled subsets of the right size, nested within a seed, test cases never in
@@ -206,7 +206,7 @@ def test_resume_skips_finished_cells(fake_env):
 def test_failing_cell_is_reported_without_losing_the_others(fake_env):
     def fail(argv, env):
         return argv[0] == "nnUNetv2_train" and env["nnUNet_results"].endswith("alice") \
-            and env["ALICE_BENCH_SEED"] == "1" \
+            and env["nnUNet_alice_bench_seed"] == "1" \
             and argv[3] == "1"
 
     runner = FakeRunner(fail)
@@ -264,8 +264,9 @@ def test_every_command_is_printed_with_its_environment(fake_env):
     assert len(cmds) == 7  # fingerprint, plan, preprocess, initial weights, train, predict, evaluate
     assert "nnunet_alice.harness.steps init" in cmds[3] and "--seed 0" in cmds[3]
     train = next(ln for ln in cmds if "nnUNetv2_train" in ln)
-    for part in ("nnUNet_alice_pretrained=none", "ALICE_BENCH_SEED=0", "ALICE_BENCH_EPOCHS=1", "nnUNet_n_proc_DA=0",
-                 "ALICE_BENCH_RECIPE=nnunet", f"ALICE_BENCH_INIT={b.init_file(0)}",
+    for part in ("nnUNet_alice_pretrained=none", "nnUNet_alice_bench_seed=0", "nnUNet_alice_bench_epochs=1",
+                 "nnUNet_n_proc_DA=0",
+                 "nnUNet_alice_bench_recipe=nnunet", f"nnUNet_alice_bench_init={b.init_file(0)}",
                  "OMP_WAIT_POLICY=PASSIVE",
                  f"nnUNet_preprocessed={b.pre_root}", f"nnUNet_extTrainer={b.out}/trainers",
                  "-tr nnUNetTrainerAlice_bench"):
@@ -321,13 +322,13 @@ def test_controls_share_initial_weights_and_pretraining(fake_env):
     assert len(rows) == 15 and all(r["status"] == "ok" for r in rows)
     pre = [argv for argv, _ in runner.calls if argv[0] == "alice_pretrain"]
     assert sorted(_arg(argv, "--seed") for argv in pre) == ["0", "1", "2"]  # alice only; alice_all shares it
-    trains = {(os.path.basename(env["nnUNet_results"]), int(env["ALICE_BENCH_SEED"])): env
+    trains = {(os.path.basename(env["nnUNet_results"]), int(env["nnUNet_alice_bench_seed"])): env
               for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
     for seed in (0, 1, 2):
         env = {m: trains[(m, seed)] for m in ("scratch", "scratch_recipe", "init0", "alice", "alice_all")}
-        assert len({e["ALICE_BENCH_INIT"] for e in env.values()}) == 1
+        assert len({e["nnUNet_alice_bench_init"] for e in env.values()}) == 1
         assert env["scratch_recipe"]["nnUNet_alice_pretrained"] == "none"
-        assert env["scratch_recipe"]["ALICE_BENCH_RECIPE"] == "pretrained"
+        assert env["scratch_recipe"]["nnUNet_alice_bench_recipe"] == "pretrained"
         assert env["init0"]["nnUNet_alice_pretrained"] == b.init_file(seed)
         assert env["alice_all"]["nnUNet_alice_pretrained"] == env["alice"]["nnUNet_alice_pretrained"] == \
             b.checkpoint("alice", seed)
@@ -343,7 +344,7 @@ def test_one_pretraining_per_arm_when_the_budget_says_so(fake_env):
     b.run()
     assert [_arg(argv, "--seed") for argv, _ in runner.calls if argv[0] == "alice_pretrain"] == ["0"]
     assert [_arg(argv, "--seed") for argv, _ in runner.calls if tool_of(argv) == "init"] == ["0"]
-    inits = {env["ALICE_BENCH_INIT"] for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
+    inits = {env["nnUNet_alice_bench_init"] for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
     assert inits == {b.init_file(0)}
     assert "once per arm, from the initial weights of seed 0" in Path(b.out, "results.md").read_text()
 

@@ -1,4 +1,5 @@
-"""CASA alignment (alice-method Sec. 2.5): shapes, reference maths, detached targets from teacher tokens only,
+"""CASA alignment (arXiv 2302.05615; docs/method.md "Teacher and losses"): shapes, reference maths, detached targets
+from teacher tokens only,
 EMA target copies, and a target the student cannot fake (noise teacher tokens stay unpredictable)."""
 import math
 

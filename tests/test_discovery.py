@@ -147,6 +147,31 @@ def test_bootstrap_opt_out_in_fresh_interpreter():
     assert hook_result(**{OPT_OUT: "1", ENV: "/opt/a"}) == "/opt/a"
 
 
+def test_old_opt_out_name_still_works_and_says_so():
+    """``NNUNET_ALICE_NO_AUTODISCOVERY`` (earlier name) opts out too, with one line naming the new variable."""
+    old = "NNUNET_ALICE_NO_AUTODISCOVERY"
+    assert OPT_OUT == "nnUNet_alice_no_autodiscovery"
+    code = f"import os, nnunet_alice._bootstrap; print(os.environ.get({ENV!r}, '<unset>'))"
+    proc = run([sys.executable, "-c", code], env=clean_env(PYTHONPATH=str(PKG_ROOT), **{old: "1"}),
+               cwd=PKG_ROOT.parent)
+    assert proc.stdout.strip() == "<unset>"
+    assert proc.stderr.count("deprecated") == 1 and OPT_OUT in proc.stderr
+
+
+def test_every_setting_reads_its_old_name_once_with_a_deprecation_line(capsys, monkeypatch):
+    from nnunet_alice import env as env_mod
+
+    monkeypatch.setattr(env_mod, "_warned", set())
+    for new, old in env_mod.RENAMED.items():
+        assert new.startswith("nnUNet_alice_")
+        assert env_mod.getenv(new, "d", {old: "x"}) == "x"
+        assert env_mod.getenv(new, "d", {old: "x", new: "y"}) == "y"      # the new name wins
+        assert env_mod.getenv(new, "d", {}) == "d"
+    env_mod.getenv("nnUNet_alice_bench_seed", None, {"ALICE_BENCH_SEED": "1"})   # second read: no second line
+    err = capsys.readouterr().err
+    assert err.count("deprecated") == len(env_mod.RENAMED)
+
+
 def test_bootstrap_never_raises(monkeypatch):
     import nnunet_alice._bootstrap as boot
 

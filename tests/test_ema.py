@@ -1,4 +1,5 @@
-"""EMA teacher (alice-method Sec. 2.2): theta_t <- m theta_t + (1 - m) theta_s, buffers copied, no grads."""
+"""EMA teacher (DINO, arXiv 2104.14294, Sec. 3; docs/method.md "Teacher and losses"): theta_t <- m theta_t + (1 - m)
+theta_s, buffers copied, no grads."""
 import torch
 from torch import nn
 

@@ -222,9 +222,9 @@ def test_nnunet_recipe_is_nnunets_own_schedule(trainer_box, monkeypatch, tmp_pat
     from nnunet_alice.harness.trainers import nnUNetTrainerAlice_bench
 
     box, _ = trainer_box
-    monkeypatch.setenv("ALICE_BENCH_RECIPE", "nnunet")
-    monkeypatch.setenv("ALICE_BENCH_EPOCHS", "3")
-    monkeypatch.setenv("ALICE_BENCH_ITERATIONS", "2")
+    monkeypatch.setenv("nnUNet_alice_bench_recipe", "nnunet")
+    monkeypatch.setenv("nnUNet_alice_bench_epochs", "3")
+    monkeypatch.setenv("nnUNet_alice_bench_iterations", "2")
     t = make_trainer(nnUNetTrainerAlice_bench, box, monkeypatch, results=tmp_path / "r")
     t.initialize()
     assert isinstance(t.lr_scheduler, PolyLRScheduler) and t.initial_lr == 1e-2

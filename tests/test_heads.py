@@ -1,4 +1,5 @@
-"""DINO head, token projection and CLS pooling (alice-method Sec. 2.3; docs/method.md, mapping Alice to a CNN U-Net)."""
+"""DINO head, token projection and CLS pooling (docs/method.md "Network, tokens and heads"; docs/method.md, mapping
+Alice to a CNN U-Net)."""
 import pytest
 import torch
 from torch.nn import functional as F

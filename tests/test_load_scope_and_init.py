@@ -107,8 +107,8 @@ def test_init_matched_weights_are_bit_identical(trainer_box, monkeypatch, tmp_pa
     files = {s: write_init(str(box.dataset_id), TINY_PLANS, "3d_fullres", s, str(tmp_path / f"init_{s}.pth"))
              for s in (3, 4)}
 
-    monkeypatch.setenv("ALICE_BENCH_INIT", files[3])
-    monkeypatch.setenv("ALICE_BENCH_SEED", "5")  # another trainer seed: the file, not the seed, decides the start
+    monkeypatch.setenv("nnUNet_alice_bench_init", files[3])
+    monkeypatch.setenv("nnUNet_alice_bench_seed", "5")  # another trainer seed: the file, not the seed, decides
     scratch = make_trainer(nnUNetTrainerAlice_bench, box, monkeypatch, pretrained="none", results=tmp_path / "s")
     scratch.initialize()
     drawn = {k: v.clone() for k, v in unwrap(scratch.network).state_dict().items()}

@@ -1,4 +1,4 @@
-"""Alice losses (alice-method Sec. 3, Eq. 1-3), Sinkhorn-Knopp targets and collapse monitors against
+"""Alice losses (Alice, arXiv 2302.05615, Eq. 1-3), Sinkhorn-Knopp targets and collapse monitors against
 hand-computed values and plain references."""
 import math
 

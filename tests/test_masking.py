@@ -49,7 +49,7 @@ def test_masks_differ_between_samples_of_a_batch():
     masks = batch_block_masks(8, (32, 32, 32), 8, 0.75, np.random.default_rng(2))
     flat = masks.reshape(8, -1)
     distinct = {m.tobytes() for m in flat}
-    assert len(distinct) == 8  # 64 choose 48 patterns: a repeat would mean a shared mask (bug B3)
+    assert len(distinct) == 8  # 64 choose 48 patterns: a repeat would mean a shared mask (bug B3 in docs/method.md)
 
 
 def test_ratio_zero_masks_nothing():

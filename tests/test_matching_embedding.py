@@ -275,7 +275,6 @@ def test_matcher_from_config_matches_from_memory(tmp_path, monkeypatch):
     for _ in range(5):
         pb, score = worker.match(a, rng.uniform(8, 24, 3), b)
         assert np.all(pb >= 0) and np.all(pb <= 31) and -1.0 <= score <= 1.0
-    assert worker.stats()["pairs"] == 0
 
 
 def test_matcher_with_retries_on_known_embeddings_finds_the_shift():
@@ -294,7 +293,6 @@ def test_matcher_with_retries_on_known_embeddings_finds_the_shift():
     for _ in range(5):
         pa, pb, score, fell_back = match_with_retries(matcher, a, b, rng, threshold=0.7, margin=8)
         assert not fell_back and score > 0.8 and np.linalg.norm(pb - (pa + shift)) < 1.5
-    assert matcher.stats()["accepted"] == 5 and matcher.stats()["fallbacks"] == 0
 
 
 # ---------------------------------------------------------------------------- CLI end to end

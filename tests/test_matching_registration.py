@@ -115,4 +115,3 @@ def test_pickled_matcher_maps_points_without_the_reference_image():
     assert clone.reference[2] is None
     p = np.array([12.0, 20.0, 20.0])
     assert np.allclose(clone.match(ca, p, cb)[0], matcher.match(ca, p, cb)[0])
-    assert clone.stats()["pairs"] == 0

@@ -1,4 +1,4 @@
-"""Schedules against their closed forms (alice-method Sec. 2.2 and Sec. 4)."""
+"""Schedules against their closed forms (DINO, arXiv 2104.14294, Sec. 3 and App.; docs/method.md "Optimisation")."""
 import math
 
 import numpy as np

@@ -1,6 +1,6 @@
 """Per-case embeddings, computed once and cached on disk and in memory.
 
-SAM's embeddings are pre-computed offline and the Alice loop only reads them (alice-method.md §1.2); the
+SAM's embeddings are pre-computed offline and the Alice loop only reads them (docs/method.md "Data and views"); the
 official loop re-reads the volume on every try. Here each case is embedded once (coarse + fine maps, fp16 on
 disk) and kept in memory; matching never touches the disk again.
 

@@ -1,7 +1,7 @@
 """``alice_embed``: train the anatomical embedding model on a dataset's preprocessed images.
 
 Stage before ``alice_pretrain --matcher embedding`` (the role of SAM's offline training and embedding
-script in Alice, alice-method.md §1.2). Writes into
+script in Alice, docs/method.md "Data and views"). Writes into
 ``$nnUNet_results/<Dataset>/AliceEmbed__<plans>__<configuration>/``: ``checkpoint_final.pth`` (+ ``.sha256``),
 ``loss.png`` and ``training_log.txt``; then embeds every case into the cache
 ``$nnUNet_preprocessed/<Dataset>/alice_embeddings/<model sha256[:16]>/`` (skip with ``--no-precompute``).

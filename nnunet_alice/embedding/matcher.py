@@ -1,6 +1,6 @@
 """``embedding``: anatomical correspondence from our self-supervised dense embedding (SAM-style).
 
-Replaces SAM in Alice's view mining (Jiang et al., ICCV 2023, Sec. 3.1; alice-method.md §1.2): the model
+Replaces SAM in Alice's view mining (Jiang et al., ICCV 2023, Sec. 3.1; docs/method.md "Data and views"): the model
 trained by ``alice_embed`` embeds every case once (:class:`.cache.EmbeddingStore`), and a query point of
 case A is matched into case B by coarse-to-fine cosine similarity (:func:`.search.match_embeddings`);
 the score is the mean of the coarse and fine cosines. Thresholding, retries and the intra fallback are done
@@ -23,7 +23,6 @@ from nnunet_alice.errors import AliceError
 from nnunet_alice.pretrain.matching.base import CaseVolume, Matcher
 from nnunet_alice.embedding.cache import EmbeddingStore
 from nnunet_alice.embedding.search import match_embeddings
-from nnunet_alice.pretrain.matching.sampling import MatchStats
 
 
 def _device(name: Optional[str]) -> str:
@@ -45,7 +44,6 @@ class EmbeddingMatcher(Matcher):
         self.store = store
         self.top_k = int(top_k)
         self.cycle_tolerance_mm = cycle_tolerance_mm
-        self.match_stats = MatchStats()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -102,6 +100,3 @@ class EmbeddingMatcher(Matcher):
             if np.linalg.norm((back - point_a) * np.asarray(case_a.spacing, dtype=float)) > self.cycle_tolerance_mm:
                 score = min(score, 0.0)
         return point_b, score
-
-    def stats(self) -> dict:
-        return self.match_stats.as_dict()

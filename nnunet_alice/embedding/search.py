@@ -3,7 +3,7 @@
 The query point's coarse and fine vectors are read (trilinearly) from A's maps. The coarse similarity is
 computed over all of B's coarse cells; around each of the ``top_k`` best coarse cells, the fine similarity is
 computed in a window of B's fine map, and the matching score at a fine cell is the mean of the fine cosine and
-the (trilinearly interpolated) coarse cosine, as in the Alice code (alice-method.md §1.2, step 5). The best
+the (trilinearly interpolated) coarse cosine, as in the Alice code (docs/method.md "Data and views"). The best
 cell is refined to sub-cell precision by a small continuous search on interpolated, re-normalised maps and
 mapped back to B's voxel coordinates. Pure numpy on in-memory arrays: no disk access, a few ms per query.
 """

@@ -1,6 +1,6 @@
 """The embedding grid: how a case is resampled and normalised for the embedding network, and coordinates.
 
-SAM embeds every scan on a fixed 2 mm grid (alice-method.md §1.2); following the recommendation there, we
+SAM embeds every scan on a fixed 2 mm grid (docs/method.md "Data and views"); following the recommendation there, we
 embed *exactly the array the trainer crops from* (channel 0 of the preprocessed case), resampled to
 ``target_spacing`` (never upsampled) and carry the per-axis scale instead of hard-coding it.
 

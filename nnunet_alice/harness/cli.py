@@ -122,9 +122,10 @@ class Benchmark(BenchSetup):
         trainer = BENCH_TRAINERS[arm.schedule]
         results = os.path.join(self.out, "runs", method)
         env = self.env(nnUNet_results=results, nnUNet_alice_pretrained=start, nnUNet_alice_load=arm.load_scope,
-                       ALICE_BENCH_RECIPE=arm.recipe, ALICE_BENCH_INIT=self.init_file(self.init_seed(seed)),
-                       ALICE_BENCH_EPOCHS=str(b.epochs), ALICE_BENCH_ITERATIONS=str(b.iterations),
-                       ALICE_BENCH_VAL_ITERATIONS=str(b.val_iterations), ALICE_BENCH_SEED=str(seed))
+                       nnUNet_alice_bench_recipe=arm.recipe,
+                       nnUNet_alice_bench_init=self.init_file(self.init_seed(seed)),
+                       nnUNet_alice_bench_epochs=str(b.epochs), nnUNet_alice_bench_iterations=str(b.iterations),
+                       nnUNet_alice_bench_val_iterations=str(b.val_iterations), nnUNet_alice_bench_seed=str(seed))
         fold_dir = os.path.join(results, self.dataset_name, f"{trainer}__{self.plans}__{CONFIGURATION}", f"fold_{fold}")
         times = {"train_s": 0.0, "predict_s": 0.0, "eval_s": 0.0}
         did = str(self.dataset_id)

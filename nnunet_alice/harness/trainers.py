@@ -5,44 +5,46 @@ Harness-only. nnU-Net builds trainers from a class name, so a benchmark with bud
 need one class per budget; instead these classes read their settings in ``__init__`` (``nnUNetv2_predict`` does
 not use any of them, so predicting needs no environment):
 
-``ALICE_BENCH_EPOCHS``          epochs (default 50)
-``ALICE_BENCH_ITERATIONS``      training iterations per epoch (default 250, nnU-Net's)
-``ALICE_BENCH_VAL_ITERATIONS``  validation iterations per epoch (default 50, nnU-Net's)
-``ALICE_BENCH_SEED``            seeds python, numpy and torch before the network is built (nnU-Net has no seed
-                                flag); unset: not seeded
-``ALICE_BENCH_RECIPE``          ``pretrained`` (default): the recipe for pretrained weights (peak 1e-3,
-                                per-iteration warm-up, poly); ``nnunet``: nnU-Net's own schedule (SGD 1e-2, poly
-                                per epoch, no warm-up), the from-scratch baseline
-``ALICE_BENCH_INIT``            a file of ``nnunet_alice.trainers.init_weights``: every tensor of the network is
-                                set from it before the pretrained weights (if any) are loaded on top, so that all
-                                arms of one seed start from the draw pretraining started from
-``ALICE_BENCH_FINAL_VAL``       ``1`` runs nnU-Net's final validation of the fold's val cases; default ``0``
-                                skips it, because the benchmark evaluates on held-out test cases instead
+- ``nnUNet_alice_bench_epochs``: epochs (default 50)
+- ``nnUNet_alice_bench_iterations``: training iterations per epoch (default 250, nnU-Net's)
+- ``nnUNet_alice_bench_val_iterations``: validation iterations per epoch (default 50, nnU-Net's)
+- ``nnUNet_alice_bench_seed``: seeds python, numpy and torch before the network is built (nnU-Net has no seed
+  flag); unset: not seeded
+- ``nnUNet_alice_bench_recipe``: ``pretrained`` (default): the recipe for pretrained weights (peak 1e-3,
+  per-iteration warm-up, poly); ``nnunet``: nnU-Net's own schedule (SGD 1e-2, poly per epoch, no warm-up), the
+  from-scratch baseline
+- ``nnUNet_alice_bench_init``: a file of ``nnunet_alice.trainers.init_weights``: every tensor of the network is set
+  from it before the pretrained weights (if any) are loaded on top, so that all arms of one seed start from the
+  draw pretraining started from
+- ``nnUNet_alice_bench_final_val``: ``1`` runs nnU-Net's final validation of the fold's val cases; default ``0``
+  skips it, because the benchmark evaluates on held-out test cases instead
+
+(Earlier versions named these ``ALICE_BENCH_*``; ``nnunet_alice.env`` still reads those.)
 """
 from __future__ import annotations
 
-import os
 import random
 
 import numpy as np
 import torch
 
+from nnunet_alice.env import getenv
 from nnunet_alice.errors import AliceError
 from nnunet_alice.trainers.alice import NNUNET, PRETRAINED, nnUNetTrainerAlice
 from nnunet_alice.trainers.variants import _SawtoothMixin
 
-ENV_EPOCHS = "ALICE_BENCH_EPOCHS"
-ENV_ITERATIONS = "ALICE_BENCH_ITERATIONS"
-ENV_VAL_ITERATIONS = "ALICE_BENCH_VAL_ITERATIONS"
-ENV_SEED = "ALICE_BENCH_SEED"
-ENV_RECIPE = "ALICE_BENCH_RECIPE"
-ENV_INIT = "ALICE_BENCH_INIT"
-ENV_FINAL_VAL = "ALICE_BENCH_FINAL_VAL"
+ENV_EPOCHS = "nnUNet_alice_bench_epochs"
+ENV_ITERATIONS = "nnUNet_alice_bench_iterations"
+ENV_VAL_ITERATIONS = "nnUNet_alice_bench_val_iterations"
+ENV_SEED = "nnUNet_alice_bench_seed"
+ENV_RECIPE = "nnUNet_alice_bench_recipe"
+ENV_INIT = "nnUNet_alice_bench_init"
+ENV_FINAL_VAL = "nnUNet_alice_bench_final_val"
 NNUNET_DEFAULT_LR = 1e-2  # nnUNetTrainer.initial_lr
 
 
 def _env_int(name: str, default):
-    value = os.environ.get(name, "").strip()
+    value = (getenv(name) or "").strip()
     if not value:
         return default
     try:
@@ -65,7 +67,7 @@ class _BenchMixin:
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
-        seed = os.environ.get(ENV_SEED, "").strip()
+        seed = (getenv(ENV_SEED) or "").strip()
         if seed.isdigit():
             seed_everything(int(seed))
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -74,14 +76,14 @@ class _BenchMixin:
             self.num_epochs = _env_int(ENV_EPOCHS, self.default_num_epochs)
             self.num_iterations_per_epoch = _env_int(ENV_ITERATIONS, self.num_iterations_per_epoch)
             self.num_val_iterations_per_epoch = _env_int(ENV_VAL_ITERATIONS, self.num_val_iterations_per_epoch)
-            recipe = os.environ.get(ENV_RECIPE, PRETRAINED).strip() or PRETRAINED
+            recipe = (getenv(ENV_RECIPE) or "").strip() or PRETRAINED
             if recipe not in (PRETRAINED, NNUNET):
                 raise AliceError(f"environment variable {ENV_RECIPE} must be {PRETRAINED} or {NNUNET}, got {recipe!r}")
         self.recipe = recipe
         if recipe == NNUNET:
             self.initial_lr, self.lr_source = NNUNET_DEFAULT_LR, "nnU-Net's default"
-        self.bench_init = os.environ.get(ENV_INIT, "").strip() or None
-        self.bench_final_validation = os.environ.get(ENV_FINAL_VAL, "0").strip() == "1"
+        self.bench_init = (getenv(ENV_INIT) or "").strip() or None
+        self.bench_final_validation = (getenv(ENV_FINAL_VAL) or "0").strip() == "1"
 
     def load_alice_weights(self) -> None:
         if self.bench_init:
@@ -103,9 +105,9 @@ class _BenchMixin:
 
 
 class nnUNetTrainerAlice_bench(_BenchMixin, nnUNetTrainerAlice):
-    """``nnUNetTrainerAlice`` with the ``ALICE_BENCH_*`` settings (see the module docstring)."""
+    """``nnUNetTrainerAlice`` with the ``nnUNet_alice_bench_*`` settings (see the module docstring)."""
 
 
 class nnUNetTrainerAlice_sawtooth_bench(_BenchMixin, _SawtoothMixin, nnUNetTrainerAlice):
-    """``nnUNetTrainerAlice_sawtooth`` with the ``ALICE_BENCH_*`` settings."""
+    """``nnUNetTrainerAlice_sawtooth`` with the ``nnUNet_alice_bench_*`` settings."""
 

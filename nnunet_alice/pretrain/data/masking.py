@@ -1,9 +1,9 @@
-"""Per-sample random block masks for masked image modelling (Alice Sec. 3.2; alice-method.md §2.4 / §8.4).
+"""Per-sample random block masks for masked image modelling (Alice Sec. 3.2; docs/method.md "Masked image modelling").
 
 The patch is divided into a grid of ``block_size``³ blocks; for every sample independently,
 ``round(ratio * n_blocks)`` blocks are chosen and all their voxels masked. When ``block_size`` divides the
 patch size, exactly ``ratio`` of the voxels is masked per sample (up to rounding to whole blocks).
-The official code shares one mask across the whole batch (bug B3); here every sample gets its own.
+The official code shares one mask across the whole batch (bug B3 in docs/method.md); here every sample gets its own.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``intra``: both views from the same volume, the key centre jittered (alice-method.md §1.3 (b)).
+"""``intra``: both views from the same volume, the key centre jittered (docs/method.md "Data and views").
 
 With this matcher Alice reduces to DINO/iBOT-style self-distillation + MIM + CASA; it is the default when no
 anatomical model exists and the ablation "intra-only views".

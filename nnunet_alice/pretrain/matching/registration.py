@@ -1,6 +1,6 @@
 """``registration``: classical correspondence through affine registration to a reference case.
 
-A baseline beside the learned anatomical embedding (issue 4; alice-method.md §1.3 (c) lists such cheap proxies).
+A baseline beside the learned anatomical embedding (docs/correspondence.md compares it with the others).
 Every case is registered once (SimpleITK, Mattes mutual information, a similarity stage then an affine
 stage, on images downsampled to about ``grid_spacing`` mm) to the reference case (the first case given to
 :meth:`RegistrationMatcher.prepare`). A point of A maps A -> reference -> B through the composed transforms.
@@ -27,7 +27,6 @@ import numpy as np
 from nnunet_alice.pretrain.matching.base import CaseVolume, Matcher
 from nnunet_alice.pretrain.matching.fingerprint import (case_fingerprint, read_json_or_none, remove_stale,
                                                          safe_name, write_json_atomic)
-from nnunet_alice.pretrain.matching.sampling import MatchStats
 
 CACHE_SUBDIR = "alice_registration"
 ALGORITHM_VERSION = 1
@@ -156,7 +155,6 @@ class RegistrationMatcher(Matcher):
         self.patch_points = int(patch_points)
         self.reference: Optional[Tuple[str, str, np.ndarray, Tuple[float, ...]]] = None  # id, fp, array, spacing
         self.matrices: Dict[str, np.ndarray] = {}   # case id -> 4x4 reference voxel -> case voxel
-        self.match_stats = MatchStats()
         self.n_computed = 0
         self.n_loaded = 0
 
@@ -167,9 +165,6 @@ class RegistrationMatcher(Matcher):
             rid, rfp, _, rsp = self.reference
             state["reference"] = (rid, rfp, None, rsp)
         return state
-
-    def stats(self) -> dict:
-        return self.match_stats.as_dict()
 
     def _cache_folder(self) -> Optional[str]:
         if self.cache_dir is None or self.reference is None:
@@ -241,12 +236,6 @@ class RegistrationMatcher(Matcher):
         return matrix
 
     # ------------------------------------------------------------------ matching
-    def map_point(self, case_a: CaseVolume, point_a: np.ndarray, case_b: CaseVolume) -> np.ndarray:
-        """``point_a`` (voxel of A) mapped A -> reference -> B, unclipped."""
-        m_ab = self.transform_of(case_b) @ np.linalg.inv(self.transform_of(case_a))
-        p = np.append(np.asarray(point_a, dtype=float), 1.0)
-        return (m_ab @ p)[:3]
-
     def match(self, case_a: CaseVolume, point_a: np.ndarray, case_b: CaseVolume) -> Tuple[np.ndarray, float]:
         point_a = np.asarray(point_a, dtype=float)
         m_ab = self.transform_of(case_b) @ np.linalg.inv(self.transform_of(case_a))

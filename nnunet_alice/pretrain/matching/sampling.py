@@ -1,10 +1,11 @@
 """Query-point sampling and matching with retries, shared by all matchers.
 
-Implements the view-mining loop of the official Alice code (alice-method.md §1.2, steps 3-4): draw a query
+Implements the view-mining loop of the official Alice code (the official code's view mining, docs/method.md "Data and
+views"): draw a query
 point on soft tissue / foreground of volume A, match it into volume B, and retry with new query points while
 the match score is below the threshold (0.7). Unlike the official code, which uses the last low-confidence
 match after 101 tries, a pair that never passes falls back to an *intra-volume* pair (the key view is cropped
-from A itself, at the query point; §1.3 (b) and the recommendation of §8.8) and the fallback is counted.
+from A itself, at the query point; docs/method.md "Data and views") and the fallback is counted.
 
 Foreground: voxels above an Otsu threshold of channel 0 (air/background vs. body in CT and MR alike). It is
 computed once per case on a strided grid and kept in a small per-process cache, so a retry costs one random
@@ -111,40 +112,6 @@ def sample_query_point(case: CaseVolume, rng: np.random.Generator, margin: Margi
     return _DEFAULT_SAMPLER.sample(case, rng, margin)
 
 
-class MatchStats:
-    """Counts of the view-mining loop: match calls, pairs, accepted pairs and intra fallbacks."""
-
-    def __init__(self, attempts: int = 0, pairs: int = 0, accepted: int = 0, fallbacks: int = 0):
-        self.attempts, self.pairs, self.accepted, self.fallbacks = attempts, pairs, accepted, fallbacks
-
-    def as_dict(self) -> dict:
-        return {"attempts": self.attempts, "pairs": self.pairs, "accepted": self.accepted,
-                "fallbacks": self.fallbacks,
-                "fallback_rate": self.fallbacks / self.pairs if self.pairs else 0.0,
-                "attempts_per_pair": self.attempts / self.pairs if self.pairs else 0.0}
-
-    def merge(self, other: Union["MatchStats", dict]) -> "MatchStats":
-        """Add counts from another process (a :class:`MatchStats` or its ``as_dict()``)."""
-        d = other.as_dict() if isinstance(other, MatchStats) else other
-        self.attempts += int(d.get("attempts", 0))
-        self.pairs += int(d.get("pairs", 0))
-        self.accepted += int(d.get("accepted", 0))
-        self.fallbacks += int(d.get("fallbacks", 0))
-        return self
-
-    def reset(self) -> None:
-        self.attempts = self.pairs = self.accepted = self.fallbacks = 0
-
-
-def stats_of(matcher: Matcher) -> MatchStats:
-    """The :class:`MatchStats` of ``matcher`` (attached on first use, so any matcher can be counted)."""
-    stats = getattr(matcher, "match_stats", None)
-    if not isinstance(stats, MatchStats):
-        stats = MatchStats()
-        setattr(matcher, "match_stats", stats)
-    return stats
-
-
 def match_with_retries(matcher: Matcher, case_a: CaseVolume, case_b: CaseVolume, rng: np.random.Generator,
                        threshold: float = 0.7, tries: int = 20, margin: Margin = 0,
                        sampler: Optional[ForegroundSampler] = None
@@ -155,21 +122,15 @@ def match_with_retries(matcher: Matcher, case_a: CaseVolume, case_b: CaseVolume,
     patch size) are matched into ``case_b``; the first with ``score >= threshold`` is returned with
     ``fell_back=False`` and ``point_b`` clipped into ``case_b``. If none passes, ``fell_back=True``,
     ``point_b == point_a`` and **the caller must crop the key view from case_a** (intra fallback); ``score``
-    is then the last, rejected score. Counts go to ``stats_of(matcher)``.
+    is then the last, rejected score. (The run logs the fallback rate of every batch, docs/method.md.)
     """
     sampler = sampler or _DEFAULT_SAMPLER
-    stats = stats_of(matcher)
     point_a, score = None, float("nan")
     for _ in range(max(1, int(tries))):
         point_a = sampler.sample(case_a, rng, margin)
         point_b, score = matcher.match(case_a, point_a, case_b)
         score = float(score)
-        stats.attempts += 1
         if np.isfinite(score) and score >= threshold:
-            stats.pairs += 1
-            stats.accepted += 1
             upper = np.asarray(case_b.shape, dtype=float) - 1
             return point_a, np.clip(np.asarray(point_b, dtype=float), 0, upper), score, False
-    stats.pairs += 1
-    stats.fallbacks += 1
     return point_a, point_a.copy(), score, True

@@ -1,10 +1,11 @@
-"""CASA: conditional anatomical semantic alignment (Alice Sec. 3.3, alice-method Sec. 2.5).
+"""CASA: conditional anatomical semantic alignment (Alice Sec. 3.3, arXiv 2302.05615; docs/method.md "Teacher and
+losses").
 
 One post-norm transformer cross-attention layer (the official "code version"): 8 heads, d_k = dim / heads
 (64 for dim 512), bias-free Q/K/V/output projections, scaled dot product (1/sqrt(d_k)), attention and output
 dropout, residual from the **query**, LayerNorm(eps 1e-6), then a ReLU FFN dim -> ffn_dim -> dim with
 dropout, residual and LayerNorm. No masks, no positional encodings. Every parameter is used by the online
-branch (the official module had four unused linears, bug B6).
+branch (the official module had four unused linears, bug B6 in docs/method.md).
 
 Online and target branches (Alice Sec. 3.3, Fig. 3), each built from one side only:
 

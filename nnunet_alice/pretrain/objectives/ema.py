@@ -1,6 +1,7 @@
 """The EMA teacher of Alice / DINO: a frozen copy of the student, updated by exponential moving average.
 
-alice-method Sec. 2.2: the teacher is a full copy of the student (encoder, decoder, projections, head),
+DINO, arXiv 2104.14294, Sec. 3; docs/method.md "Teacher and losses": the teacher is a full copy of the student
+(encoder, decoder, projections, head),
 initialised from the student and never trained by gradients. After every optimiser step
 
     theta_t <- m * theta_t + (1 - m) * theta_s            (over parameters whose names match)

@@ -1,6 +1,7 @@
 """Projection heads: the DINO head of Alice, the linear token projections and the CLS pooling of a CNN U-Net.
 
-alice-method Sec. 2.3: Alice's head is a DINO head (Caron et al., 2021, arXiv 2104.14294): a 3-layer MLP
+docs/method.md "Network, tokens and heads": Alice's head is a DINO head (Caron et al., 2021, arXiv 2104.14294): a
+3-layer MLP
 ``in -> 2048 -> 2048 -> 256`` with GELU and no norm, L2 normalisation, then a weight-normalised bias-free
 linear layer onto K = 512 "prototypes" whose gain is fixed at 1 (``norm_last_layer``). The same head maps
 the CLS vector (B, C) and tokens (B, N, C): every layer acts on the last dimension.
@@ -83,7 +84,8 @@ class TokenProjection(nn.Module):
 
 
 class DinoHead(nn.Module):
-    """DINO projection head (DINO Sec. 3 / alice-method Sec. 2.3): MLP, L2-normalise, weight-normed prototypes.
+    """DINO projection head (DINO Sec. 3 / docs/method.md "Network, tokens and heads"): MLP, L2-normalise,
+    weight-normed prototypes.
 
     Args:
         in_dim: input width (the last dimension of the input).

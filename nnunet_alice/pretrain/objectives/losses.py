@@ -1,4 +1,5 @@
-"""The three Alice loss terms, the teacher targets they use, and two collapse monitors (alice-method Sec. 3).
+"""The three Alice loss terms, the teacher targets they use, and two collapse monitors (Alice, arXiv 2302.05615;
+docs/method.md "Teacher and losses").
 
 * :class:`DinoCrossViewLoss` -- Eq. (1), inter-volume DINO CE on the CLS outputs, teacher(Q) <-> student(K)
   and teacher(K) <-> student(Q), with a detached teacher turned into targets (below);
@@ -250,7 +251,7 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: Optional
                         region: str = "masked") -> torch.Tensor:
     """Alice Eq. (3): MSE between the reconstruction and the unmasked input (no extra 1/2; weight with lambda).
 
-    ``region='all'``: mean over every voxel and channel (the official code, bug B5 made official).
+    ``region='all'``: mean over every voxel and channel (the official code, bug B5 in docs/method.md made official).
     ``region='masked'``: mean over the masked voxels only; ``mask`` is (B, 1, *spatial) (or pred's shape),
     1/True = masked, broadcast over channels. A mask without any masked voxel (e.g. mask ratio 0) falls back
     to the all-voxel MSE, so the term stays defined and keeps its gradient; the choice is made with

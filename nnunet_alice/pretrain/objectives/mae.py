@@ -1,4 +1,4 @@
-"""Masked image modelling through the planned U-Net (Alice's generative term, alice-method.md §3 (3)).
+"""Masked image modelling through the planned U-Net (Alice's generative term, docs/method.md "Masked image modelling").
 
 The student sees its view with masked blocks set to zero. With ``--masking spark`` (default) the network runs as
 a sparse encoder with mask tokens and densify convolutions before the decoder (SparK, arXiv 2301.03580, as in

@@ -1,4 +1,4 @@
-"""torch.distributed glue: start-up from ``torchrun`` variables, rank queries, averaged all-reduce."""
+"""torch.distributed glue: start-up from ``torchrun`` variables and rank queries."""
 from __future__ import annotations
 
 import os
@@ -28,16 +28,3 @@ def init_from_env(device_type: str) -> bool:
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
-
-
-def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place mean over ranks (no-op when not distributed)."""
-    if world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= world_size()
-    return tensor
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()

@@ -1,9 +1,10 @@
 """Per-step schedules, computed once as numpy arrays and indexed by the global step (DINO style).
 
-Alice (Jiang et al., ICCV 2023) inherits the DINO recipe (alice-method Sec. 2.2 and Sec. 4):
+Alice (Jiang et al., ICCV 2023) inherits the DINO recipe (DINO, arXiv 2104.14294, Sec. 3 and App.; docs/method.md
+"Optimisation"):
 
 * learning rate: linear warm-up, then cosine decay to ``min_lr`` (``min_lr`` <= peak, unlike the official
-  code whose floor sits above its peak, bug B9);
+  code whose floor sits above its peak, bug B9 in docs/method.md);
 * weight decay: cosine 0.04 -> 0.4;
 * EMA momentum of the teacher: m(i) = 1 - (1 - m0) * 0.5 * (1 + cos(pi * i / N)), 0.996 -> 1 (Sec. 2.2);
 * teacher temperature: linear warm-up 0.008 -> 0.01, then constant (Sec. 3);
@@ -78,7 +79,7 @@ def linear_warmup_constant(start: float, end: float, warmup_steps: int, total_st
 
 
 def momentum_schedule(total_steps: int, base: float = 0.996) -> np.ndarray:
-    """Teacher EMA momentum, alice-method Sec. 2.2 (as in DINO): m(i) = 1 - (1-base) * (1 + cos(pi i/N)) / 2.
+    """Teacher EMA momentum, as in DINO (arXiv 2104.14294): m(i) = 1 - (1-base) * (1 + cos(pi i/N)) / 2.
 
     ``N = total_steps``, ``i = 0 .. N-1``: m(0) = base and m rises towards 1 (reached at i = N, one past
     the last step, exactly as the official code / DINO's ``cosine_scheduler(base, 1, ...)``).
