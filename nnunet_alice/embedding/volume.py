@@ -1,7 +1,7 @@
 """The embedding grid: how a case is resampled and normalised for the embedding network, and coordinates.
 
-SAM embeds every scan on a fixed 2 mm grid (docs/method.md "Data and views"); following the recommendation there, we
-embed *exactly the array the trainer crops from* (channel 0 of the preprocessed case), resampled to
+SAM (Yan et al., IEEE TMI 2022) embeds every scan on a fixed 2 mm grid; here we embed *exactly the array the
+trainer crops from* (channel 0 of the preprocessed case), resampled to
 ``target_spacing`` (never upsampled) and carry the per-axis scale instead of hard-coding it.
 
 Coordinates (continuous, voxel centres at integers):
