@@ -23,7 +23,7 @@ class ScriptedMatcher(Matcher):
         self.scores = list(scores)
         self.calls = 0
 
-    def match(self, case_a, point_a, case_b):
+    def match(self, case_a, point_a, case_b, rng=None):
         s = self.scores[min(self.calls, len(self.scores) - 1)]
         self.calls += 1
         return np.asarray(point_a, float) + 1.0, s
@@ -84,7 +84,7 @@ def test_match_point_is_clipped_into_case_b():
     a, b = cube_case("a", n=32), cube_case("b", n=20, lo=2, hi=18)
 
     class Far(Matcher):
-        def match(self, case_a, point_a, case_b):
+        def match(self, case_a, point_a, case_b, rng=None):
             return np.array([50.0, -3.0, 10.0]), 0.99
 
     _, pb, _, fell_back = match_with_retries(Far(), a, b, np.random.default_rng(0))

@@ -91,7 +91,8 @@ class EmbeddingMatcher(Matcher):
         if progress is not None:
             progress.close()
 
-    def match(self, case_a: CaseVolume, point_a: np.ndarray, case_b: CaseVolume) -> Tuple[np.ndarray, float]:
+    def match(self, case_a: CaseVolume, point_a: np.ndarray, case_b: CaseVolume,
+              rng: Optional[np.random.Generator] = None) -> Tuple[np.ndarray, float]:
         ea, eb = self.store.get(case_a), self.store.get(case_b)
         point_a = np.asarray(point_a, dtype=float)
         point_b, score = match_embeddings(ea, point_a, eb, self.top_k)

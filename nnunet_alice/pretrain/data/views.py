@@ -139,9 +139,6 @@ class ViewSampler:
     def _make_batch(self, index: int) -> dict:
         seed = np.random.SeedSequence([self.config.seed, self.rank, index])
         rng = np.random.default_rng(seed)
-        if isinstance(getattr(self.matcher, "rng", None), np.random.Generator):
-            # a matcher with its own generator (intra's jitter) would make the stream depend on history
-            self.matcher.rng = np.random.default_rng([self.config.seed, self.rank, index, 1])
         np_state, py_state = np.random.get_state(), random.getstate()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(rng.integers(2 ** 62)))

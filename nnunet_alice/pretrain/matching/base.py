@@ -2,7 +2,7 @@
 
 Paper (Jiang et al., ICCV 2023, Sec. 3.1): the key view is cropped from a *different* volume around the point
 that an anatomical embedding matches to the query point. Every matcher implements
-``match(case_a, point_a, case_b) -> (point_b, score)``; the training loop never knows which one it uses.
+``match(case_a, point_a, case_b, rng=None) -> (point_b, score)``; the training loop never knows which one it uses.
 
 Coordinates are voxel indices (float allowed) in the axis order of the preprocessed arrays, i.e. the arrays
 ``case.image[c]`` of shape ``case.shape``. Scores are in [-1, 1]; higher is more confident.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -43,5 +43,9 @@ class Matcher(ABC):
         """Compute per-case state once (in the main process, before data workers start). Optional."""
 
     @abstractmethod
-    def match(self, case_a: CaseVolume, point_a: np.ndarray, case_b: CaseVolume) -> Tuple[np.ndarray, float]:
-        """Return ``(point_b, score)``; ``point_b`` is a float array of voxel coordinates inside ``case_b``."""
+    def match(self, case_a: CaseVolume, point_a: np.ndarray, case_b: CaseVolume,
+              rng: Optional[np.random.Generator] = None) -> Tuple[np.ndarray, float]:
+        """Return ``(point_b, score)``; ``point_b`` is a float array of voxel coordinates inside ``case_b``.
+
+        ``rng``: the caller's generator, for a matcher that draws random numbers (the view sampler passes the
+        batch's own, so the stream of views stays a function of the batch index)."""

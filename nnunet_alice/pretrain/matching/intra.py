@@ -21,9 +21,10 @@ class IntraVolumeMatcher(Matcher):
         self.patch_size = None if patch_size is None else np.asarray(patch_size, dtype=float)
         self.rng = np.random.default_rng(seed)
 
-    def match(self, case_a: CaseVolume, point_a: np.ndarray, case_b: CaseVolume) -> Tuple[np.ndarray, float]:
+    def match(self, case_a: CaseVolume, point_a: np.ndarray, case_b: CaseVolume,
+              rng: Optional[np.random.Generator] = None) -> Tuple[np.ndarray, float]:
         point_a = np.asarray(point_a, dtype=float)
         scale = self.patch_size if self.patch_size is not None else np.asarray(case_a.shape, dtype=float) * 0.25
-        offset = self.rng.uniform(-1.0, 1.0, size=point_a.shape) * self.jitter * scale
+        offset = (rng or self.rng).uniform(-1.0, 1.0, size=point_a.shape) * self.jitter * scale
         upper = np.asarray(case_a.shape, dtype=float) - 1
         return np.clip(point_a + offset, 0, upper), 1.0

@@ -236,7 +236,8 @@ class RegistrationMatcher(Matcher):
         return matrix
 
     # ------------------------------------------------------------------ matching
-    def match(self, case_a: CaseVolume, point_a: np.ndarray, case_b: CaseVolume) -> Tuple[np.ndarray, float]:
+    def match(self, case_a: CaseVolume, point_a: np.ndarray, case_b: CaseVolume,
+              rng: Optional[np.random.Generator] = None) -> Tuple[np.ndarray, float]:
         point_a = np.asarray(point_a, dtype=float)
         m_ab = self.transform_of(case_b) @ np.linalg.inv(self.transform_of(case_a))
         point_b = m_ab[:3, :3] @ point_a + m_ab[:3, 3]

@@ -128,7 +128,7 @@ def match_with_retries(matcher: Matcher, case_a: CaseVolume, case_b: CaseVolume,
     point_a, score = None, float("nan")
     for _ in range(max(1, int(tries))):
         point_a = sampler.sample(case_a, rng, margin)
-        point_b, score = matcher.match(case_a, point_a, case_b)
+        point_b, score = matcher.match(case_a, point_a, case_b, rng=rng)
         score = float(score)
         if np.isfinite(score) and score >= threshold:
             upper = np.asarray(case_b.shape, dtype=float) - 1
