@@ -7,7 +7,7 @@ bottleneck z, and the teacher's target entropy / ln K at step 0 for Sinkhorn-Kno
 teacher temperatures. Also the cosine between a crop and the same crop shifted by 4 voxels with noise (a
 positive pair) against that between different crops.
 
-    python benchmarks/cls_init.py [--patch 48] [--features 8 16 32 64 64]
+    python -m benchmarks.cls_init [--patch 48] [--features 8 16 32 64 64]
 """
 from __future__ import annotations
 

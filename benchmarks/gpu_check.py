@@ -1,10 +1,9 @@
-#!/usr/bin/env python
-"""One short, prepared run on a lent GPU (issue 3, "On a lent GPU"; results in docs/gpu.md).
+"""One short, prepared run on a lent GPU (results and how it was run: docs/gpu.md).
 
 Sections, in this order (each one's results are written to ``<out>/gpu_check.json`` as soon as it ends, so a
 run stopped by its time limit still returns what it finished):
 
-1. speed: ``benchmarks/alice_speed.py``'s nnU-Net step, MAE step and Alice step at the plan's patch and batch
+1. speed: the nnU-Net step, MAE step and Alice step of ``benchmarks/speed.py`` at the plan's patch and batch
    (ms/step, volumes/s, peak ``torch.cuda.max_memory_allocated``), cuDNN benchmark on as in nnU-Net;
 2. bf16: the MAE and Alice steps of (1) ran under bf16 autocast through ``train_step``; every per-term loss of
    every step must be finite (printed per step);
@@ -16,9 +15,9 @@ run stopped by its time limit still returns what it finished):
    includes compilation), then a checkpoint written with ``network_state_dict`` + ``save_checkpoint`` from the
    compiled network, checked for ``_orig_mod`` and loaded into an uncompiled planned network with strict=True.
 
-usage (device; see benchmarks/gpu_wheels.sh and docs/gpu.md)::
+usage (device, from the repository root; see benchmarks/gpu_wheels.sh and docs/gpu.md)::
 
-    PYTHONPATH=/tmp/pylibs:.gpu_wheels/stubs:. python3 benchmarks/gpu_check.py \
+    PYTHONPATH=/tmp/pylibs:.gpu_wheels/stubs:. python3 -m benchmarks.gpu_check \
         --plans .gpu_wheels/plans/nnUNetResEncUNetMPlans.json --dataset-json .gpu_wheels/plans/dataset.json --out $OUT
 """
 from __future__ import annotations
@@ -34,12 +33,9 @@ import traceback
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-if os.path.dirname(HERE) not in sys.path:
-    sys.path.insert(0, os.path.dirname(HERE))
-
-import alice_speed as bench  # noqa: E402
+from benchmarks import sampling, speed
+from benchmarks.common import (Plan, PretrainParts, all_finite, format_terms, pretrain_config,
+                               synthetic_pretrain_batch, timed)
 
 T0 = time.perf_counter()
 
@@ -53,6 +49,8 @@ def elapsed() -> float:
 
 
 class Report:
+    """``<out>/gpu_check.json``, rewritten whenever a section stores its results."""
+
     def __init__(self, out_dir: str):
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "gpu_check.json")
@@ -66,6 +64,7 @@ class Report:
 
 
 def env_info(device: torch.device) -> dict:
+    """Card, CUDA, cuDNN and the versions of the packages that matter, for the report's header."""
     info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
             "cpu_count": os.cpu_count()}
     if device.type == "cuda":
@@ -79,7 +78,7 @@ def env_info(device: torch.device) -> dict:
         from importlib.metadata import version
         info["nnunetv2"] = version("nnunetv2")
         info["dynamic_network_architectures"] = version("dynamic_network_architectures")
-    except Exception as e:  # pragma: no cover - informative only
+    except Exception as e:  # informative only
         info["nnunetv2"] = f"unavailable: {e}"
     try:
         import SimpleITK
@@ -89,153 +88,141 @@ def env_info(device: torch.device) -> dict:
     return info
 
 
-def section_speed(plan, device, batch, patch, args) -> dict:
+def section_speed(plan: Plan, device: torch.device, batch: int, patch, args) -> dict:
+    """The three step modes in this process (CUDA memory is reset between modes)."""
     results = {}
-    for mode in ("nnunet", "mae", "alice"):
+    for mode in speed.MODES:
         log(f"speed: {mode}")
         try:
-            results[mode] = bench.run_mode(mode, plan, device, batch, patch, args.steps, args.warmup, False,
+            results[mode] = speed.run_mode(mode, plan, device, batch, patch, args.steps, args.warmup, False,
                                            args.nnunet_amp, log=log)
         except Exception as e:
             results[mode] = {"mode": mode, "batch": batch, "patch": patch, "error": f"{type(e).__name__}: {e}",
                              "traceback": traceback.format_exc()[-3000:]}
             log(f"speed: {mode} FAILED: {results[mode]['error']}")
-        torch.cuda.empty_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return results
 
 
-def section_bf16(speed: dict) -> dict:
+def section_bf16(results: dict) -> dict:
+    """Whether every per-term loss of the bf16 MAE and Alice steps of :func:`section_speed` was finite."""
     out = {}
     for mode in ("mae", "alice"):
-        r = speed.get(mode, {})
+        r = results.get(mode, {})
         if "losses" not in r:
             out[mode] = {"finite": False, "error": r.get("error", "not run")}
             continue
         bad = [(l["step"], k) for l in r["losses"] for k, v in l.items() if k != "step" and not np.isfinite(v)]
         out[mode] = {"autocast": r.get("autocast"), "steps": len(r["losses"]), "finite": not bad, "non_finite": bad,
                      "first": r["losses"][0], "last": r["losses"][-1]}
+        last = {k: v for k, v in r["losses"][-1].items() if k not in ("step", "loss")}
         log(f"bf16 {mode}: {len(r['losses'])} steps, all per-term losses finite: {not bad}; last: "
-            + ", ".join(f"{k} {v:.4g}" for k, v in r["losses"][-1].items() if k != "step"))
+            + format_terms(r["losses"][-1]["loss"], last))
     return out
 
 
-def section_sampling(plan, batch, patch, args, speed) -> dict:
-    """In a child process with one torch thread (one data worker), see ``alice_speed.sampling_subprocess``."""
-    argv = ["--plans", args.plans, "--configuration", args.configuration, "--device", "cpu",
-            "--batch-size", str(batch), "--patch-size", *map(str, patch), "--sampling-synthetic",
-            "--sampling-batches", str(args.sampling_batches), "--sampling-noaug"]
-    if args.dataset_json:
-        argv += ["--dataset-json", args.dataset_json]
-    out = dict(bench.sampling_subprocess(argv))
-    workers = args.workers or bench.default_workers()
-    out["ratios"] = bench.ratios(speed, {k: v for k, v in out.items() if k in ("mae", "alice")}, workers)
+def section_sampling(plan: Plan, batch: int, patch, args, results: dict) -> dict:
+    """View sampling in a one-thread child process, with the sampling share ratios against the speed results."""
+    out = dict(sampling.run_sampling_isolated(plan, patch, batch, args.sampling_batches, noaug=True))
+    workers = args.workers or speed.default_workers()
+    out["ratios"] = speed.ratios(results, {k: v for k, v in out.items() if k in ("mae", "alice")}, workers)
     return out
 
 
-def section_pipeline(plan, device, batch, patch, args) -> dict:
+def section_pipeline(plan: Plan, device: torch.device, batch: int, patch, args) -> dict:
     """Alice steps fed by the real loader (forked workers; run before anything compiles)."""
-    data = bench.InMemoryData(plan.describe()["median_shape"], channels=plan.channels)
-    out = {}
-    for w in [int(x) for x in args.pipeline_workers.split(",") if x.strip()]:
-        try:
-            out[str(w)] = bench.measure_pipeline(plan, device, batch, patch, data, w, args.pipeline_steps, args.warmup,
-                                                 log=log)
-        except Exception as e:
-            out[str(w)] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
-            log(f"pipeline {w} FAILED: {out[str(w)]['error']}")
+    data, _ = sampling.sampling_data(plan)
+    workers = [int(x) for x in args.pipeline_workers.split(",") if x.strip()]
+    return sampling.pipeline_runs(plan, device, batch, patch, data, workers, args.pipeline_steps, args.warmup,
+                                  log=log)
+
+
+def compiled_steps(parts: PretrainParts, plan: Plan, batch: int, patch, args) -> dict:
+    """A few bf16 Alice steps of the compiled objective; the first one includes compilation."""
+    data = synthetic_pretrain_batch("alice", plan.channels, patch, batch, parts.cfg, parts.device, seed=1)
+    total = args.compile_steps
+    times, losses = [], []
+    for i in range(total):
+        (loss, terms), dt = timed(lambda: parts.step(data, i), parts.device)
+        times.append(dt)
+        losses.append({"step": i, "loss": loss, **terms})
+        log(f"compile: step {i + 1}/{total}: {dt * 1e3:.0f} ms, " + format_terms(loss, terms))
+        if elapsed() > args.budget_s:
+            log("compile: time budget reached, stopping the compiled steps")
+            break
+    out = {"ok": True, "first_step_s": times[0], "step_ms_after_first": [round(t * 1e3, 1) for t in times[1:]],
+           "ms_per_step": float(np.median(times[1:])) * 1e3 if len(times) > 1 else None, "losses": losses,
+           "finite": all_finite(losses)}
+    if out["ms_per_step"]:
+        out["vol_per_s"] = batch / (out["ms_per_step"] / 1e3)
+    try:
+        import torch._dynamo as dynamo
+        counters = dynamo.utils.counters
+        out["graph_breaks"] = int(sum(counters["graph_break"].values()))
+        out["unique_graphs"] = int(counters["stats"].get("unique_graphs", 0))
+    except Exception:
+        pass
     return out
 
 
-def section_compile(plan, device, batch, patch, args) -> dict:
-    from nnunet_alice.checkpoint import load_checkpoint, network_state_dict, save_checkpoint
-    from nnunet_alice.pretrain.training.step import parameter_groups, train_step
-    from nnunet_alice.pretrain.training.run import build_objective
-    from nnunet_alice.pretrain.training.schedules import Schedules
+def checkpoint_round_trip(objective, plan: Plan) -> dict:
+    """A checkpoint from the compiled network (the runner's way and an explicit ``torch.compile`` wrapper) has no
+    ``_orig_mod`` keys and loads with strict=True into an uncompiled planned network, weights unchanged.
 
-    out: dict = {}
-    cfg = bench._pretrain_config("alice", patch, batch, device.type, True)
-    total = args.compile_steps
-    network = plan.pretrain_network()
-    schedules = Schedules.from_config(cfg, total)
-    objective = build_objective(network, cfg, schedules).to(device)
-    objective.train()
-    out["how"] = bench._compile_objective(objective)
-    log(f"compile: {out['how']}")
-    optimizer = torch.optim.AdamW(parameter_groups(objective.student_modules()), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
-    data = bench.synthetic_pretrain_batch("alice", plan.channels, patch, batch, cfg, device, seed=1)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
-    times, losses = [], []
+    What was checked before a failure stays in the result, next to the error."""
+    ck: dict = {}
     try:
-        for i in range(total):
-            bench._sync(device)
-            t0 = time.perf_counter()
-            loss, terms = train_step(objective, objective, optimizer, data, i, float(schedules.lr[i]),
-                                     float(schedules.weight_decay[i]), cfg.grad_clip, device, autocast_dtype=autocast)
-            bench._sync(device)
-            times.append(time.perf_counter() - t0)
-            losses.append({"step": i, "loss": loss, **terms})
-            log(f"compile: step {i + 1}/{total}: {times[-1] * 1e3:.0f} ms, loss {loss:.4g}"
-                + "".join(f", {k} {v:.4g}" for k, v in terms.items()))
-            if elapsed() > args.budget_s:
-                log("compile: time budget reached, stopping the compiled steps")
-                break
-        out.update({"ok": True, "first_step_s": times[0], "step_ms_after_first": [round(t * 1e3, 1) for t in times[1:]],
-                    "ms_per_step": float(np.median(times[1:])) * 1e3 if len(times) > 1 else None,
-                    "losses": losses,
-                    "finite": bool(all(np.isfinite(v) for l in losses for k, v in l.items() if k != "step"))})
-        if out["ms_per_step"]:
-            out["vol_per_s"] = batch / (out["ms_per_step"] / 1e3)
-        try:
-            import torch._dynamo as dynamo
-            counters = dynamo.utils.counters
-            out["graph_breaks"] = int(sum(counters["graph_break"].values()))
-            out["unique_graphs"] = int(counters["stats"].get("unique_graphs", 0))
-        except Exception:
-            pass
+        _round_trip(objective, plan, ck)
+    except Exception as e:
+        ck.update({"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]})
+    return ck
+
+
+def _round_trip(objective, plan: Plan, ck: dict) -> None:
+    from nnunet_alice.checkpoint import load_checkpoint, network_state_dict, save_checkpoint
+    from nnunet_alice.pretrain.model import unwrap
+
+    compiled_wrapper = getattr(getattr(objective.student, "_features", None), "_run", None)
+    if compiled_wrapper is None or not hasattr(compiled_wrapper, "_orig_mod"):
+        compiled_wrapper = torch.compile(objective.network)
+    ck["wrapper_state_dict_has_orig_mod"] = any("_orig_mod" in k for k in compiled_wrapper.state_dict())
+    sd_runner = network_state_dict(objective.network)
+    sd = network_state_dict(compiled_wrapper)
+    ck["orig_mod_in_checkpoint_keys"] = any("_orig_mod" in k for k in list(sd) + list(sd_runner))
+    ck["same_keys_runner_vs_wrapper"] = sorted(sd) == sorted(sd_runner)
+    ck["n_keys"] = len(sd)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "checkpoint_compiled.pth")
+        save_checkpoint(path, {"network_weights": sd, "metadata": {"what": "gpu_check compiled checkpoint"}})
+        fresh = plan.pretrain_network()  # uncompiled, on the CPU
+        res = fresh.load_state_dict(load_checkpoint(path)["network_weights"], strict=True)
+        ck["strict_load"] = "ok" if not (res.missing_keys or res.unexpected_keys) else str(res)
+        ref = {k: v.detach().float().cpu() for k, v in unwrap(objective.network).state_dict().items()}
+        ck["max_abs_diff_after_load"] = float(max((fresh.state_dict()[k].float() - ref[k]).abs().max()
+                                                  for k in ref)) if ref else None
+        ck["size_mb"] = round(os.path.getsize(path) / 2 ** 20, 2)
+    ck["ok"] = (not ck["orig_mod_in_checkpoint_keys"]) and ck["strict_load"] == "ok" and \
+        ck["max_abs_diff_after_load"] == 0.0
+
+
+def section_compile(plan: Plan, device: torch.device, batch: int, patch, args) -> dict:
+    """Compiled Alice steps, then the checkpoint round trip from the compiled network."""
+    cfg = pretrain_config("alice", patch, batch, device.type, True)
+    parts = PretrainParts(plan.pretrain_network(), cfg, device, args.compile_steps, compile_=True)
+    out: dict = {"how": parts.compile_how}
+    log(f"compile: {out['how']}")
+    try:
+        out.update(compiled_steps(parts, plan, batch, patch, args))
     except Exception as e:
         out.update({"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]})
         log(f"compile FAILED: {out['error']}")
-
-    # checkpoint from the compiled network: the runner's way and an explicit torch.compile wrapper
-    ck: dict = {}
-    try:
-        compiled_wrapper = getattr(getattr(objective.student, "_features", None), "_run", None)
-        if compiled_wrapper is None or not hasattr(compiled_wrapper, "_orig_mod"):
-            compiled_wrapper = torch.compile(objective.network)
-        wrapped_keys = list(compiled_wrapper.state_dict().keys())
-        ck["wrapper_state_dict_has_orig_mod"] = any("_orig_mod" in k for k in wrapped_keys)
-        sd_runner = network_state_dict(objective.network)
-        sd = network_state_dict(compiled_wrapper)
-        ck["orig_mod_in_checkpoint_keys"] = any("_orig_mod" in k for k in list(sd) + list(sd_runner))
-        ck["same_keys_runner_vs_wrapper"] = sorted(sd) == sorted(sd_runner)
-        ck["n_keys"] = len(sd)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "checkpoint_compiled.pth")
-            save_checkpoint(path, {"network_weights": sd, "metadata": {"what": "gpu_check compiled checkpoint"}})
-            ckpt = load_checkpoint(path)
-            fresh = plan.pretrain_network()  # uncompiled, on the CPU
-            res = fresh.load_state_dict(ckpt["network_weights"], strict=True)
-            ck["strict_load"] = "ok" if not (res.missing_keys or res.unexpected_keys) else str(res)
-            ref = {k: v.detach().float().cpu() for k, v in bench_unwrap(objective.network).state_dict().items()}
-            ck["max_abs_diff_after_load"] = float(max((fresh.state_dict()[k].float() - ref[k]).abs().max()
-                                                      for k in ref)) if ref else None
-            ck["size_mb"] = round(os.path.getsize(path) / 2 ** 20, 2)
-        ck["ok"] = (not ck["orig_mod_in_checkpoint_keys"]) and ck["strict_load"] == "ok" and \
-            ck["max_abs_diff_after_load"] == 0.0
-    except Exception as e:
-        ck.update({"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-4000:]})
-    log(f"checkpoint from compiled network: {ck}")
-    out["checkpoint"] = ck
+    out["checkpoint"] = checkpoint_round_trip(parts.objective, plan)
+    log(f"checkpoint from compiled network: {out['checkpoint']}")
     return out
 
 
-def bench_unwrap(m):
-    from nnunet_alice.pretrain.model import unwrap
-    return unwrap(m)
-
-
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--plans", required=True)
     p.add_argument("--dataset-json")
@@ -254,53 +241,21 @@ def main(argv=None):
     p.add_argument("--skip", default="", help="comma-separated sections to skip: speed,sampling,pipeline,compile")
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting new work after this many seconds")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
-    args = p.parse_args(argv)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    return p.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    rep = Report(args.out)
-    rep["env"] = env_info(device)
-    log(f"env: {rep.data['env']}")
-    plan = bench.Plan(args.plans, args.configuration, args.dataset_json)
-    batch = args.batch_size or plan.batch_size
-    patch = list(args.patch_size or plan.patch_size)
-    rep["plan"] = {**plan.describe(), "batch": batch, "patch": patch}
-    log(f"plan: {rep.data['plan']}")
 
-    speed = {}
-    if "speed" not in skip:
-        speed = section_speed(plan, device, batch, patch, args)
-        rep["speed"] = speed
-        rep["builder"] = plan.builder
-        print("\n" + bench.format_table(speed) + "\n", flush=True)
-        rep["bf16"] = section_bf16(speed)
-        rep["ratios"] = bench.ratios(speed, None, 1)
-    if "sampling" not in skip and elapsed() < args.budget_s:
-        log("sampling (CPU, 1 thread per worker)")
-        rep["sampling"] = section_sampling(plan, batch, patch, args, speed)
-        rep["ratios"] = rep.data["sampling"]["ratios"]
-    if "pipeline" not in skip and args.pipeline_workers and elapsed() < args.budget_s:
-        log("pipeline: Alice steps fed by the loader")
-        rep["pipeline"] = section_pipeline(plan, device, batch, patch, args)
-    if "compile" not in skip and elapsed() < args.budget_s:
-        log("compile + checkpoint")
-        rep["compile"] = section_compile(plan, device, batch, patch, args)
-
+def print_summary(rep: Report, plan: Plan, batch: int, patch) -> None:
     print("\n===== summary =====", flush=True)
     env = rep.data["env"]
     print(f"card: {env.get('device_name')} (torch {env['torch']}, CUDA {env.get('cuda')}), plan "
           f"{plan.plans_name} {plan.describe()['arch']}, patch {patch}, batch {batch}")
-    if speed:
-        print(bench.format_table(speed, {k: v for k, v in rep.data.get("sampling", {}).items()
-                                         if k in ("mae", "alice")}))
-        print(bench.format_ratios(rep.data.get("ratios", {})))
+    if rep.data.get("speed"):
+        print(speed.format_table(rep.data["speed"], {k: v for k, v in rep.data.get("sampling", {}).items()
+                                                     if k in ("mae", "alice")}))
+        print(speed.format_ratios(rep.data.get("ratios", {})))
         print("bf16 finite:", {k: v.get("finite") for k, v in rep.data.get("bf16", {}).items()})
-    for w, r in rep.data.get("pipeline", {}).items():
-        if "error" not in r:
-            print(f"Alice steps fed by the loader ({w} workers): {r['ms_per_step_with_data']:.0f} ms/step, waiting "
-                  f"for data {r['ms_data_wait']:.1f} ms = {100 * r['data_wait_share']:.1f} % of a step")
+    if speed.format_pipeline(rep.data.get("pipeline")):
+        print(speed.format_pipeline(rep.data.get("pipeline")))
     c = rep.data.get("compile")
     if c:
         ms = c.get("ms_per_step")
@@ -308,6 +263,42 @@ def main(argv=None):
               f"{'n/a' if ms is None else f'{ms:.1f}'} ms/step, graph breaks {c.get('graph_breaks')}; "
               f"error: {c.get('error')}")
         print(f"checkpoint from compiled net: {c.get('checkpoint')}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rep = Report(args.out)
+    rep["env"] = env_info(device)
+    log(f"env: {rep.data['env']}")
+    plan = Plan(args.plans, args.configuration, args.dataset_json)
+    batch = args.batch_size or plan.batch_size
+    patch = list(args.patch_size or plan.patch_size)
+    rep["plan"] = {**plan.describe(), "batch": batch, "patch": patch}
+    log(f"plan: {rep.data['plan']}")
+
+    results = {}
+    if "speed" not in skip:
+        results = section_speed(plan, device, batch, patch, args)
+        rep["speed"] = results
+        rep["builder"] = plan.builder
+        print("\n" + speed.format_table(results) + "\n", flush=True)
+        rep["bf16"] = section_bf16(results)
+        rep["ratios"] = speed.ratios(results, None, 1)
+    if "sampling" not in skip and elapsed() < args.budget_s:
+        log("sampling (CPU, 1 thread per worker)")
+        rep["sampling"] = section_sampling(plan, batch, patch, args, results)
+        rep["ratios"] = rep.data["sampling"]["ratios"]
+    if "pipeline" not in skip and args.pipeline_workers and elapsed() < args.budget_s:
+        log("pipeline: Alice steps fed by the loader")
+        rep["pipeline"] = section_pipeline(plan, device, batch, patch, args)
+    if "compile" not in skip and elapsed() < args.budget_s:
+        log("compile + checkpoint")
+        rep["compile"] = section_compile(plan, device, batch, patch, args)
+    print_summary(rep, plan, batch, patch)
     log(f"done; JSON: {rep.path}")
 
 

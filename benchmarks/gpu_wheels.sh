@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare the folder that travels to a lent GPU machine for benchmarks/gpu_check.py (docs/gpu.md).
+# Prepare the folder that travels to a lent GPU machine for `python -m benchmarks.gpu_check` (docs/gpu.md).
 #
 # The GPU machine has Python 3.12 with torch, numpy, scipy, scikit-image, pandas, matplotlib, timm, einops, ...
 # but not nnU-Net and its own packages, and it cannot download anything. This script, run here (where PyPI is
@@ -13,7 +13,7 @@
 # usage: bash benchmarks/gpu_wheels.sh [DEST=.gpu_wheels] [PYVER=3.12] [DATASET=Dataset993_AliceSynth]
 # then (on the device):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/pylibs DEST/wheels/*.whl
-#   PYTHONPATH=/tmp/pylibs:DEST/stubs:. python3 benchmarks/gpu_check.py --plans DEST/plans/... --out $OUT
+#   PYTHONPATH=/tmp/pylibs:DEST/stubs:. python3 -m benchmarks.gpu_check --plans DEST/plans/... --out $OUT
 # Keep DEST out of git (e.g. `echo /.gpu_wheels/ >> .git/info/exclude`); pass it as the run's `carry`.
 set -euo pipefail
 

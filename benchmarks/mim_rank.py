@@ -12,7 +12,7 @@ target: the earlier behaviour), ``zero`` (zero masking, separate head, clean tar
 
     alice_demo_data -d 991 --num-train 4 --num-test 1 --num-unlabeled 4 --output $nnUNet_raw
     nnUNetv2_plan_and_preprocess -d 991 -c 3d_fullres -np 1
-    python benchmarks/mim_rank.py -d 991 --steps 40 --seeds 0 1
+    python -m benchmarks.mim_rank -d 991 --steps 40 --seeds 0 1
 """
 from __future__ import annotations
 

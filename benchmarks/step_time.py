@@ -13,7 +13,7 @@ optimiser step are timed. The two steps alternate (A, B, A, B, ...) so that load
 hit both alike; the first ``--warmup`` iterations of each are dropped. Prints the median ms/step of each and the
 ratio pretrain / nnU-Net (expected ≈ 1: same network, one forward/backward each).
 
-    python benchmarks/step_time.py -d 987 [-c 3d_fullres] [-p nnUNetPlans] [--steps 20] [--device cpu]
+    python -m benchmarks.step_time -d 987 [-c 3d_fullres] [-p nnUNetPlans] [--steps 20] [--device cpu]
 
 Needs ``nnUNet_preprocessed`` (plans + preprocessed data). ``nnUNet_results`` is pointed at a temporary folder
 (the nnU-Net trainer creates its output folder and log there on construction) and ``nnUNet_n_proc_DA=0``.
@@ -29,7 +29,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import sync
 
 
 def parse_args(argv=None):
@@ -43,13 +43,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: all CPUs, as -device cpu does)")
     p.add_argument("--distinct-batches", type=int, default=4, help="batches prepared per side, reused cyclically")
     return p.parse_args(argv)
-
-
-def _sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def alice_side(data, device, n_batches):
@@ -96,7 +89,8 @@ def nnunet_side(dataset_name, plans_name, configuration, device, n_batches):
     loader_train, loader_val = trainer.get_dataloaders()
     batches = [next(loader_train) for _ in range(n_batches)]
     for loader in (loader_train, loader_val):
-        loader.close()
+        if hasattr(loader, "close"):  # nnUNet_n_proc_DA=0 gives a SingleThreadedAugmenter: nothing to close
+            loader.close()
     trainer.network.train()
 
     def step(i):
@@ -144,10 +138,10 @@ def run(args) -> None:
     times = {"alice": [], "nnunet": []}
     for i in range(args.warmup + args.steps):
         for key, step in (("alice", alice_step), ("nnunet", nnunet_step)):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             step(i)
-            _sync(device)
+            sync(device)
             if i >= args.warmup:
                 times[key].append((time.perf_counter() - t0) * 1000)
 
