@@ -246,7 +246,7 @@ def test_disk_full_while_saving_keeps_the_last_good_checkpoint(box, capsys, monk
 @pytest.mark.slow
 def test_read_only_preprocessed_folder_with_unlabeled_images(box, tmp_path, capsys, monkeypatch):
     from alice_sandbox import cli_args
-    from nnunet_alice.pretrain.data.cases import cases as data_mod
+    from nnunet_alice.pretrain.data import cases as data_mod
     from test_bad_inputs import volume, write_image
 
     makedirs = os.makedirs
