@@ -6,9 +6,10 @@ follows. This reads ``training_state.objective`` of an ``alice_pretrain`` checkp
 (``checkpoint_latest.pth``, its ``network_weights`` for the student network; ``init`` = the objective at
 initialisation), takes one 32³-voxel (or ``--patch``) crop
 near the centre of each of ``--cases`` preprocessed training cases, and prints for the student and the teacher:
-the mean pairwise cosine of the head's input (the pooled CLS vector) and of its normalised bottleneck ``z``, the
-spread of the logits across cases, and the entropy of the Sinkhorn-Knopp and softmax targets at the teacher
-temperature, as a fraction of ln K (1.0 = uniform). docs/results.md has what it found.
+the mean pairwise cosine of the head's input (the standardised CLS vector) and of its normalised bottleneck ``z``,
+the spread of the logits across cases, and the entropy of the Sinkhorn-Knopp and softmax targets at the teacher
+temperature, as a fraction of ln K (1.0 = uniform); and the student once more with the teacher's CLS
+standardisation statistics (the student's own come from masked views). docs/results.md has what it found.
 
     python -m benchmarks.cls_spread -d 990 -p nnUNetPlans_alicebench_long -c 3d_fullres CHECKPOINT [init ...]
 """
@@ -93,9 +94,13 @@ def main(argv=None) -> None:
             step = ckpt["training_state"]["step"]
         objective.eval()
         temp = objective.config.teacher_temp if hasattr(objective, "config") else cfg.teacher_temp
-        for role in ("student", "teacher"):
-            module = getattr(objective, role)
-            s = spread(getattr(module, "module", module), x, temp)
+        student, teacher = objective.student, getattr(objective.teacher, "module", objective.teacher)
+        rows = [("student", spread(student, x, temp)), ("teacher", spread(teacher, x, temp))]
+        # the student's standardisation statistics come from masked views, the teacher's from whole ones
+        student.cls_pool.running_mean.copy_(teacher.cls_pool.running_mean)
+        student.cls_pool.running_var.copy_(teacher.cls_pool.running_var)
+        rows.append(("student, teacher's CLS statistics", spread(student, x, temp)))
+        for role, s in rows:
             print(f"| {os.path.basename(path)} | {step} | {role} | {s['cos_cls']:.3f} | {s['cos_z']:.3f} | "
                   f"{s['logit_sd']:.4f} | {s['sk_entropy']:.2f} | {s['softmax_entropy']:.2f} |")
 
