@@ -32,42 +32,23 @@ from nnunet_alice.trainers.recipe import warmup_poly
 
 
 # ---------------------------------------------------------------------------------------- run lengths
-class nnUNetTrainerAlice_1epoch(nnUNetTrainerAlice):
-    default_num_epochs = 1
+def _run_length(epochs: int, doc: str = "") -> type:
+    """``nnUNetTrainerAlice`` with ``default_num_epochs = epochs``, named as nnU-Net names its length variants."""
+    name = f"nnUNetTrainerAlice_{epochs}epoch{'s' if epochs > 1 else ''}"
+    doc = doc or f"``nnUNetTrainerAlice`` for {epochs} epoch{'s' if epochs > 1 else ''}."
+    return type(name, (nnUNetTrainerAlice,), {"default_num_epochs": epochs, "__module__": __name__, "__doc__": doc})
 
 
-class nnUNetTrainerAlice_5epochs(nnUNetTrainerAlice):
-    default_num_epochs = 5
-
-
-class nnUNetTrainerAlice_10epochs(nnUNetTrainerAlice):
-    default_num_epochs = 10
-
-
-class nnUNetTrainerAlice_20epochs(nnUNetTrainerAlice):
-    default_num_epochs = 20
-
-
-class nnUNetTrainerAlice_50epochs(nnUNetTrainerAlice):
-    default_num_epochs = 50
-
-
-class nnUNetTrainerAlice_100epochs(nnUNetTrainerAlice):
-    default_num_epochs = 100
-
-
-class nnUNetTrainerAlice_150epochs(nnUNetTrainerAlice):
-    """nnU-Net master's short pretrained schedule length (``PretrainedTrainer_150ep``)."""
-
-    default_num_epochs = 150
-
-
-class nnUNetTrainerAlice_250epochs(nnUNetTrainerAlice):
-    default_num_epochs = 250
-
-
-class nnUNetTrainerAlice_500epochs(nnUNetTrainerAlice):
-    default_num_epochs = 500
+nnUNetTrainerAlice_1epoch = _run_length(1)
+nnUNetTrainerAlice_5epochs = _run_length(5)
+nnUNetTrainerAlice_10epochs = _run_length(10)
+nnUNetTrainerAlice_20epochs = _run_length(20)
+nnUNetTrainerAlice_50epochs = _run_length(50)
+nnUNetTrainerAlice_100epochs = _run_length(100)
+nnUNetTrainerAlice_150epochs = _run_length(150, "nnU-Net master's short pretrained schedule length "
+                                                "(``PretrainedTrainer_150ep``).")
+nnUNetTrainerAlice_250epochs = _run_length(250)
+nnUNetTrainerAlice_500epochs = _run_length(500)
 
 
 class nnUNetTrainerAlice_tiny(nnUNetTrainerAlice):
