@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     name = resolve_dataset_name(args.dataset)
-    _, pm, cm, dataset_json = load_plans(name, args.plans, args.configuration)
+    _, pm, cm, _ = load_plans(name, args.plans, args.configuration)
     folder = os.path.join(os.environ["nnUNet_preprocessed"], name, cm.data_identifier)
     x = centre_crops(folder, args.cases, args.patch)
     print(f"{len(x)} cases, crops {args.patch}^3; entropies as a fraction of ln K")
@@ -93,13 +93,12 @@ def main(argv=None) -> None:
             assert all(k.startswith("student.network.") for k in missing), missing[:3]  # heads, CASA, teacher
             step = ckpt["training_state"]["step"]
         objective.eval()
-        temp = objective.config.teacher_temp if hasattr(objective, "config") else cfg.teacher_temp
         student, teacher = objective.student, getattr(objective.teacher, "module", objective.teacher)
-        rows = [("student", spread(student, x, temp)), ("teacher", spread(teacher, x, temp))]
+        rows = [("student", spread(student, x, cfg.teacher_temp)), ("teacher", spread(teacher, x, cfg.teacher_temp))]
         # the student's standardisation statistics come from masked views, the teacher's from whole ones
         student.cls_pool.running_mean.copy_(teacher.cls_pool.running_mean)
         student.cls_pool.running_var.copy_(teacher.cls_pool.running_var)
-        rows.append(("student, teacher's CLS statistics", spread(student, x, temp)))
+        rows.append(("student, teacher's CLS statistics", spread(student, x, cfg.teacher_temp)))
         for role, s in rows:
             print(f"| {os.path.basename(path)} | {step} | {role} | {s['cos_cls']:.3f} | {s['cos_z']:.3f} | "
                   f"{s['logit_sd']:.4f} | {s['sk_entropy']:.2f} | {s['softmax_entropy']:.2f} |")
