@@ -83,14 +83,16 @@ def main(argv=None) -> None:
     print("| checkpoint | step | network | cos(CLS) | cos(z) | logit sd | SK entropy | softmax entropy |")
     print("|---|---|---|---|---|---|---|---|")
     for path in args.checkpoints:
-        cfg = PretrainConfig()
+        ckpt = load_checkpoint(path) if path != "init" else None
+        # the run's own settings (queue sizes, head widths); defaults for ``init``
+        cfg = PretrainConfig.from_dict(ckpt["metadata"]["settings"]) if ckpt is not None else PretrainConfig()
         objective = AliceObjective(build_planned_network(pm, cm, x.shape[1]), cfg, Schedules.from_config(cfg, 2))
         step = 0
-        if path != "init":
-            ckpt = load_checkpoint(path)
+        if ckpt is not None:
             objective.network.load_state_dict(ckpt["network_weights"])       # the student network
             missing = objective.load_state_dict(ckpt["training_state"]["objective"], strict=False).missing_keys
-            assert all(k.startswith("student.network.") for k in missing), missing[:3]  # heads, CASA, teacher
+            # the student network comes from network_weights; a loss queue a setting did not have is not read here
+            assert all(k.startswith("student.network.") or "_loss.queue" in k for k in missing), missing[:3]
             step = ckpt["training_state"]["step"]
         objective.eval()
         student, teacher = objective.student, getattr(objective.teacher, "module", objective.teacher)

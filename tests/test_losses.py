@@ -234,19 +234,55 @@ def test_sinkhorn_queue_rows_take_part_but_are_not_returned():
     loss(t[0], t[1], t[0], t[1], 0.2)                                 # 4 rows in
     assert int(loss.queue_len) == 4
     torch.testing.assert_close(loss.queue[:4], torch.cat([t[0], t[1]]))
+    centre = loss.center.clone()                                      # rows enter the queue centred
     loss(t[2], t[3], t[2], t[3], 0.2)                                 # 4 more: ring buffer keeps the last 5
     assert int(loss.queue_len) == 5
-    kept = torch.cat([t[0], t[1], t[2], t[3]])[-5:]
+    kept = torch.cat([t[0], t[1], t[2] - centre, t[3] - centre])[-5:]
     assert sorted(map(tuple, loss.queue.tolist())) == sorted(map(tuple, kept.tolist()))
-    # the next call uses those 5 rows in its normalisation
+    # the next call uses those 5 rows in its normalisation, with its own rows centred
     s_q, s_k = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
-    targets = sinkhorn_knopp(torch.cat([t[4], t[5]]), 0.2, 3, extra_rows=loss.queue.clone())
+    targets = sinkhorn_knopp(torch.cat([t[4], t[5]]) - loss.center, 0.2, 3, extra_rows=loss.queue.clone())
     got = loss(s_q, s_k, t[4], t[5], 0.2)
     ce = lambda p, s: -(p * F.log_softmax(s / 0.1, dim=-1)).sum(-1).mean()   # noqa: E731
     assert got.item() == pytest.approx(0.5 * (ce(targets[:2], s_k) + ce(targets[2:], s_q)).item(), rel=1e-5)
     torch.testing.assert_close(loss.last_targets, targets)
     assert "queue" in loss.state_dict()                              # resumed runs continue with the same queue
     assert not hasattr(DinoCrossViewLoss(4, centering="center", queue_size=5), "queue")
+
+
+def test_sinkhorn_targets_over_fewer_rows_than_prototypes_cannot_be_sharp_and_a_queue_lifts_that_floor():
+    """Equipartition over R < K rows forces every row to spread over >= K/R prototypes: entropy >= ln(K/R)."""
+    g = torch.Generator().manual_seed(0)
+    k = 512
+    protos = F.normalize(torch.randn(k, 64, generator=g), dim=1)
+    logits = lambda n: F.normalize(torch.randn(n, 64, generator=g), dim=1) @ protos.T   # noqa: E731
+    batch = logits(4)                                        # batch 2 x 2 views: the default pretraining batch
+    sharp = F.softmax(batch / 0.01, dim=-1)
+    assert probs_entropy(sharp) < 0.3 * math.log(k)          # the logits themselves separate the rows
+    alone = sinkhorn_knopp(batch, 0.01, 3)
+    assert probs_entropy(alone) >= math.log(k / 4) - 0.05    # 0.78 ln K: read as near-uniform by the monitors
+    with_queue = sinkhorn_knopp(batch, 0.01, 3, extra_rows=logits(2048))
+    assert probs_entropy(with_queue) < 0.5 * math.log(k)
+    assert torch.allclose(with_queue.sum(dim=1), torch.ones(4))
+
+
+def test_a_common_drift_of_the_teacher_does_not_become_a_shared_target_of_the_queue():
+    """A teacher whose rows drift by a common per-prototype offset: with uncentred queue rows every new row goes
+    to the drift's prototype (a target shared by all samples, which a constant student predicts); the queue
+    holds centred rows, so the targets stay spread as they would without the drift."""
+    g = torch.Generator().manual_seed(3)
+    k, steps = 16, 80
+    drift = torch.zeros(k)
+    drift[3] = 2.0                                                    # every teacher row drifts towards prototype 3
+    loss = DinoCrossViewLoss(k, centering="sinkhorn", queue_size=256, center_momentum=0.5)
+    s, raw = torch.zeros(2, k), []
+    for step in range(steps):                                        # the queue fills while the teacher drifts
+        r = torch.randn(4, k, generator=g) + drift * step / steps
+        raw.append(r)
+        loss(s, s, r[:2], r[2:], 0.1)
+    uncentred = sinkhorn_knopp(raw[-1], 0.1, 3, extra_rows=torch.cat(raw[:-1])[-256:])
+    assert uncentred.mean(dim=0)[3] > 3 / k                           # the failure mode: 4x a fair share
+    assert loss.last_targets.mean(dim=0)[3] < 1.5 / k                 # centred: no pile-up on the drift
 
 
 def test_sinkhorn_loss_keeps_tracking_the_centre():

@@ -77,7 +77,8 @@ def test_a_few_steps_lower_the_total_loss():
     cfg, obj, opt = make(steps=15)
     batch = alice_batch(2, seed=3)
     losses = [train_step(obj, obj, opt, batch, s, 1e-3, 0.0, 3.0, torch.device("cpu"))[0] for s in range(15)]
-    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+    # 0.6: the default CLS queue keeps the CLS targets sharp, so that term falls more slowly on a repeated batch
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3
 
 
 def test_non_finite_loss_names_step_and_term():

@@ -25,6 +25,7 @@ def test_defaults_are_valid():
     ({"warmup_min_steps": -1}, "--warmup-min-steps"),
     ({"freeze_last_layer_min_steps": -5}, "--freeze-last-layer-min-steps"),
     ({"cls_queue_size": -1}, "--cls-queue-size"),
+    ({"casa_queue_size": -1}, "--casa-queue-size"),
     ({"sinkhorn_iterations": 0}, "--sinkhorn-iterations"),
     ({"head_out_dim": 1}, "--head-out-dim"),
     ({"head_out_dim": 36}, "CASA heads"),
@@ -38,6 +39,18 @@ def test_bad_teacher_settings_are_one_line_errors(overrides, option):
         cfg.validate()
     msg = str(info.value)
     assert option in msg and "\n" not in msg
+
+
+def test_start_warns_when_cls_targets_cannot_become_sharp():
+    cfg = PretrainConfig(dataset_name="Dataset001_X").validate()
+    assert cfg.target_warnings(2) == []                          # default queue: 4 + 2048 rows >= K = 512
+    assert cfg.cls_queue_size >= cfg.head_out_dim
+    no_queue = PretrainConfig(dataset_name="Dataset001_X", cls_queue_size=0).validate()
+    (warning,) = no_queue.target_warnings(2)
+    assert "--cls-queue-size" in warning and "0.78 ln K" in warning and "at least 508" in warning
+    assert no_queue.target_warnings(256) == []                   # 512 rows from the batch alone
+    assert PretrainConfig(dataset_name="X", cls_queue_size=0, centering="center").target_warnings(2) == []
+    assert PretrainConfig(dataset_name="X", cls_queue_size=0, objective="mae").target_warnings(2) == []
 
 
 def test_cli_refuses_unknown_choices(capsys):

@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher targets: sinkhorn (Sinkhorn-Knopp, stable at batch 2-8) or center (DINO)")
     o.add_argument("--sinkhorn-iterations", type=int, default=d.sinkhorn_iterations)
     o.add_argument("--cls-queue-size", type=int, default=d.cls_queue_size,
-                   help="past CLS teacher rows included in the Sinkhorn-Knopp normalisation (0: none)")
+                   help="past CLS teacher rows included in the Sinkhorn-Knopp normalisation (0: none); with fewer "
+                        "rows than prototypes no target can be sharper than ln(K / rows)")
+    o.add_argument("--casa-queue-size", type=int, default=d.casa_queue_size,
+                   help="the same for the CASA token targets (0: none)")
     o.add_argument("--center-momentum", type=float, default=d.center_momentum)
     o.add_argument("--cls-pool", choices=CLS_POOLS, default=d.cls_pool,
                    help="CLS vector: pre-norm bottleneck tokens through a per-token MLP (prenorm_mlp) or averaged "

@@ -6,6 +6,7 @@ Nothing deeper in the code reads settings from the environment.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -67,7 +68,8 @@ class PretrainConfig:
     warmup_teacher_temp_min_steps: int = 50
     centering: str = "sinkhorn"   # teacher targets: Sinkhorn-Knopp (batch 2-8 safe) or DINO's centre
     sinkhorn_iterations: int = 3
-    cls_queue_size: int = 0       # past CLS teacher rows added to the Sinkhorn-Knopp normalisation
+    cls_queue_size: int = 2048    # past teacher rows added to the Sinkhorn-Knopp normalisation of the CLS targets
+    casa_queue_size: int = 0      # ... and of the CASA token targets (measured to hurt: docs/method.md)
     cls_pool: str = "prenorm_mlp"
 
     # optimisation
@@ -155,7 +157,7 @@ class PretrainConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 bad(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         for name in ("warmup_min_steps", "warmup_teacher_temp_min_steps", "freeze_last_layer_min_steps",
-                     "cls_queue_size"):
+                     "cls_queue_size", "casa_queue_size"):
             if getattr(self, name) < 0:
                 bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.sinkhorn_iterations < 1:
@@ -173,6 +175,25 @@ class PretrainConfig:
         for name in ("lambda_cls", "lambda_casa", "lambda_recon", "weight_decay", "weight_decay_end", "grad_clip"):
             if getattr(self, name) < 0:
                 bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+
+    def target_warnings(self, global_batch: int) -> List[str]:
+        """Warnings about teacher targets that cannot become sharp at this batch size (checked at start).
+
+        Sinkhorn-Knopp gives every prototype 1/K of the mass of the rows it normalises, so with R < K rows no
+        row's target can have an entropy below ln(K / R) (docs/method.md "Teacher targets at small batch"):
+        at batch 2 and no queue, 4 CLS rows for K = 512 hold every target above 0.78 ln K.
+        """
+        if self.objective != "alice" or self.centering != "sinkhorn" or not self.use_cls:
+            return []
+        rows = 2 * int(global_batch) + self.cls_queue_size
+        k = self.head_out_dim
+        if rows >= k:
+            return []
+        floor = math.log(k / rows) / math.log(k)
+        return [f"WARNING: the CLS targets are normalised over {rows} rows (2 views x batch {global_batch} + "
+                f"--cls-queue-size {self.cls_queue_size}) for K = {k} prototypes: no target can be sharper than "
+                f"{floor:.2f} ln K, which the collapse monitor reads as uniform near 0.95; raise --cls-queue-size "
+                f"to at least {k - 2 * int(global_batch)}"]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -86,7 +86,7 @@ class AliceObjective(nn.Module):
         self.cls_loss = DinoCrossViewLoss(k, config.student_temp, config.center_momentum, config.centering,
                                           config.sinkhorn_iterations, config.cls_queue_size)
         self.casa_loss = CasaTokenLoss(k, config.student_temp, config.center_momentum, config.centering,
-                                       config.sinkhorn_iterations)
+                                       config.sinkhorn_iterations, config.casa_queue_size)
         self.freeze_last_layer_steps = int(schedules.freeze_last_layer_steps)
 
     @property

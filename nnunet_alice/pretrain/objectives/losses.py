@@ -139,25 +139,36 @@ class _TeacherTargets(nn.Module):
     def out_dim(self) -> int:
         return int(self.center.shape[-1])
 
+    def _centred(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows`` (R, K) minus the current centre (the centre's trailing dimension is K)."""
+        return rows - self.center.reshape(1, -1)
+
     def _targets(self, rows: torch.Tensor, temp: float) -> torch.Tensor:
-        """Targets for teacher logits ``rows`` (R, K) at temperature ``temp``; detached, float32."""
+        """Targets for teacher logits ``rows`` (R, K) at temperature ``temp``; detached, float32.
+
+        Sinkhorn-Knopp runs on centred rows. Over the batch alone that changes nothing (a per-prototype offset
+        is absorbed by the column scaling), but the queue holds rows of earlier teachers: a teacher whose logits
+        drift by a common per-prototype offset would otherwise put every new row on the prototypes the queue
+        used least, a target shared by all samples that a constant student predicts (measured, docs/method.md).
+        The queue therefore stores each row centred by the centre of its own step.
+        """
         if self.centering == "center":
             return _teacher_prob(rows, self.center.reshape(1, -1), temp)
         extra = self.queue[: int(self.queue_len)] if self.queue_size else None
-        return sinkhorn_knopp(rows, temp, self.sinkhorn_iterations, extra)
+        return sinkhorn_knopp(self._centred(rows), temp, self.sinkhorn_iterations, extra)
 
     @torch.no_grad()
     def _update(self, batch_center: torch.Tensor, rows: torch.Tensor) -> None:
-        """c <- m c + (1 - m) mean (DINO; ``batch_center`` has the centre's shape); push ``rows`` into the queue."""
+        """Push ``rows`` centred by the current centre into the queue, then c <- m c + (1 - m) mean (DINO;
+        ``batch_center`` has the centre's shape)."""
+        if self.queue_size:
+            rows = self._centred(rows.detach().float())[-self.queue_size:]
+            n, ptr = rows.shape[0], int(self.queue_ptr)
+            idx = (torch.arange(n, device=rows.device) + ptr) % self.queue_size
+            self.queue[idx] = rows.to(self.queue)
+            self.queue_ptr.fill_((ptr + n) % self.queue_size)
+            self.queue_len.fill_(min(self.queue_size, int(self.queue_len) + n))
         self.center.mul_(self.center_momentum).add_(batch_center.to(self.center), alpha=1.0 - self.center_momentum)
-        if not self.queue_size:
-            return
-        rows = rows.detach().float()[-self.queue_size:]
-        n, ptr = rows.shape[0], int(self.queue_ptr)
-        idx = (torch.arange(n, device=rows.device) + ptr) % self.queue_size
-        self.queue[idx] = rows.to(self.queue)
-        self.queue_ptr.fill_((ptr + n) % self.queue_size)
-        self.queue_len.fill_(min(self.queue_size, int(self.queue_len) + n))
 
 
 class DinoCrossViewLoss(_TeacherTargets):

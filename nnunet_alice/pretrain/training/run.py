@@ -100,6 +100,7 @@ class PretrainRun:
             raise AliceError(f"batch size {global_batch} is not divisible by the {self.world} processes")
         config.batch_size = global_batch
         self.local_batch = global_batch // self.world
+        self.notes += config.target_warnings(global_batch)
         self.total_steps = config.total_steps()
 
         # (re)seed right before anything random is built: imports above may have drawn from the global stream
