@@ -215,7 +215,8 @@ def _mean_pairwise_cosine(v: torch.Tensor) -> float:
 def test_cls_tells_volumes_apart_at_initialisation(build):
     """Over 8 different volumes at initialisation: mean pairwise cosine of the CLS embeddings < 0.9 and the
     teacher's target entropy inside (0.05, 0.95) ln K at the configured step-0 temperature, for both centrings.
-    The pool of the normed bottleneck output (``mean``, the earlier mapping) is the control that fails."""
+    The plain pool of the normed bottleneck output (``mean``, the earlier mapping) is the control that fails; the
+    per-token MLP on that same output (``mlp``) passes."""
     import math
 
     from alice_fixtures import schedules_for, tiny_config
@@ -224,7 +225,7 @@ def test_cls_tells_volumes_apart_at_initialisation(build):
     calib, vols = _synthetic_volumes(8, 32, seed=1), _synthetic_volumes(8, 32, seed=2)
     k = 512
     results = {}
-    for mode in ("prenorm_mlp", "prenorm_mean", "mean"):
+    for mode in ("prenorm_mlp", "prenorm_mean", "mlp", "mean"):
         cfg = tiny_config(cls_pool=mode, head_hidden_dim=256, head_bottleneck_dim=64, head_out_dim=k,
                           patch_size=[32, 32, 32])
         obj = AliceObjective(_he_init(build(), 0), cfg, schedules_for(cfg))
@@ -242,10 +243,50 @@ def test_cls_tells_volumes_apart_at_initialisation(build):
             p = obj.cls_loss._targets(out["cls"].float(), temp)
             entropy[centering] = float(-(p * p.clamp_min(1e-30).log()).sum(-1).mean()) / math.log(k)
         results[mode] = (_mean_pairwise_cosine(cls_in), entropy)
-    for mode in ("prenorm_mlp", "prenorm_mean"):
+    for mode in ("prenorm_mlp", "prenorm_mean", "mlp"):
         cos, entropy = results[mode]
         assert cos < 0.9, (mode, results)
         assert 0.05 < entropy["sinkhorn"] < 0.95, (mode, results)             # the default centring
     assert 0.05 < results["prenorm_mlp"][1]["center"] < 0.95, results        # default pool, DINO centre at 0
     assert results["mean"][0] > 0.9, results            # InstanceNorm centred it: nearly one vector for all
 
+
+
+def test_relative_spread_reads_how_much_the_pooled_cls_varies_between_inputs():
+    g = torch.Generator().manual_seed(0)
+    varied, constant = ClsPooling(6, "prenorm_mean", momentum=0.0), ClsPooling(6, "prenorm_mean", momentum=0.0)
+    varied(torch.randn(8, 6, 2, 2, 2, generator=g))                        # zero-mean inputs: all variation
+    constant(5.0 + 0.01 * torch.randn(8, 6, 2, 2, 2, generator=g))         # a common vector, tiny variation
+    assert float(varied.relative_spread()) > 0.7
+    assert float(constant.relative_spread()) < 0.01
+
+
+def test_mlp_pool_does_not_depend_on_the_scale_or_bias_of_the_conv_before_the_norm():
+    """``mlp`` reads the bottleneck output: rescaling the last bottleneck conv and shifting its bias changes
+    nothing (InstanceNorm removes both), while the pre-norm pool moves with them."""
+    from alice_fixtures import schedules_for, tiny_config
+    from nnunet_alice.pretrain.objectives.alice import AliceObjective
+    from nnunet_alice.pretrain.objectives.heads import prenorm_conv
+
+    x = _synthetic_volumes(4, 32, seed=3)
+    out = {}
+    for mode in ("mlp", "prenorm_mlp"):
+        cfg = tiny_config(cls_pool=mode, patch_size=[32, 32, 32])
+        obj = AliceObjective(_he_init(_plain(), 0), cfg, schedules_for(cfg))
+        student = obj.student
+        with torch.no_grad():
+            before = student.cls_pool.pool(_read_cls_map(student, x))
+            conv = prenorm_conv(student.network)
+            conv.weight.mul_(3.0)
+            conv.bias.add_(1.0)
+            after = student.cls_pool.pool(_read_cls_map(student, x))
+        out[mode] = float((after - before).abs().max())
+    assert out["mlp"] < 1e-3 < out["prenorm_mlp"], out
+
+
+def _read_cls_map(student, x):
+    """The map the CLS pool of ``student`` reads for input ``x``."""
+    from nnunet_alice.pretrain.objectives.heads import cls_features
+
+    f = student._features(x)
+    return cls_features(student.cls_pool, f, student._prenorm)

@@ -18,7 +18,7 @@ CASA_TARGETS = ("teacher_encoder_ema", "teacher_decoder_shared")
 RECON_REGIONS = ("masked", "all")
 MASKINGS = ("spark", "zero")
 CENTERINGS = ("sinkhorn", "center")       # teacher targets (pretrain/objectives/losses.py)
-CLS_POOLS = ("prenorm_mlp", "prenorm_mean", "mean")  # what the CLS vector pools (pretrain/objectives/heads.py)
+CLS_POOLS = ("prenorm_mlp", "prenorm_mean", "mlp", "mean")  # what the CLS vector pools (pretrain/objectives/heads.py)
 
 
 @dataclass
@@ -192,7 +192,7 @@ class PretrainConfig:
         floor = math.log(k / rows) / math.log(k)
         return [f"WARNING: the CLS targets are normalised over {rows} rows (2 views x batch {global_batch} + "
                 f"--cls-queue-size {self.cls_queue_size}) for K = {k} prototypes: no target can be sharper than "
-                f"{floor:.2f} ln K, which the collapse monitor reads as uniform near 0.95; raise --cls-queue-size "
+                f"{floor:.2f} ln K (at 0.95 the collapse monitor reads them as uniform); raise --cls-queue-size "
                 f"to at least {k - 2 * int(global_batch)}"]
 
     def to_dict(self) -> dict:

@@ -142,6 +142,8 @@ class AliceObjective(nn.Module):
             else:
                 terms["teacher_entropy"] = teacher_entropy(t_cls, self.cls_loss.center, temp)
                 terms["kl_uniform"] = kl_to_uniform(t_cls, self.cls_loss.center, temp)
+            if cfg.use_cls and self.student.cls_pool.standardise:   # the teacher CLS's own variation
+                terms["cls_spread"] = self.teacher.module.cls_pool.relative_spread()
         return total, terms
 
     def before_optimizer_step(self, step: int) -> None:

@@ -38,7 +38,7 @@ from nnunet_alice.pretrain.model import unwrap
 __all__ = ["DinoHead", "TokenProjection", "global_pool_tokens", "flatten_tokens", "ClsPooling", "PreNormTap",
            "InputTap", "decoder_bottleneck_tap", "prenorm_conv", "CLS_POOLS"]
 
-CLS_POOLS = ("prenorm_mlp", "prenorm_mean", "mean")
+CLS_POOLS = ("prenorm_mlp", "prenorm_mean", "mlp", "mean")
 
 
 def _trunc_normal_init(module: nn.Module) -> None:
@@ -231,6 +231,10 @@ class ClsPooling(nn.Module):
     * ``prenorm_mlp`` (default): tokens of the pre-norm map -> phi = GELU(Linear(C, hidden)) per token -> mean
       -> running standardisation; ``out_dim = hidden`` (2 C by default);
     * ``prenorm_mean``: global average pool of the pre-norm map -> running standardisation; no parameters;
+    * ``mlp``: the same per-token MLP and standardisation on the bottleneck *output* (after its norm and
+      nonlinearity). The norm fixes each channel's mean, but not the mean of a nonlinear function of all channels,
+      and the output does not depend on the scale or bias of the conv before the norm, which nothing but the CLS
+      term constrains (weight decay shrinks that scale, and the pre-norm pool becomes the bias; docs/method.md);
     * ``mean``: global average pool of the map as given (the bottleneck output: the earlier mapping), no
       standardisation.
 
@@ -255,7 +259,7 @@ class ClsPooling(nn.Module):
         self.momentum, self.eps = float(momentum), float(eps)
         self.phi = None
         self.out_dim = self.in_channels
-        if mode == "prenorm_mlp":
+        if mode.endswith("mlp"):
             self.out_dim = int(hidden_dim or 2 * self.in_channels)
             self.phi = nn.Sequential(nn.Linear(self.in_channels, self.out_dim), nn.GELU())
         self.standardise = mode != "mean"
@@ -265,7 +269,7 @@ class ClsPooling(nn.Module):
 
     @property
     def uses_prenorm(self) -> bool:
-        return self.mode != "mean"
+        return self.mode.startswith("prenorm")
 
     def pool(self, x: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The pooled vector before standardisation, float32; ``weights`` (B, N): a weighted token mean."""
@@ -294,6 +298,14 @@ class ClsPooling(nn.Module):
         if update_stats and not first:
             self._observe(v.detach(), first=False)
         return out
+
+    @torch.no_grad()
+    def relative_spread(self) -> torch.Tensor:
+        """How much the pooled vector varies between inputs, from the running statistics: the mean over features
+        of sd / sqrt(mean^2 + sd^2), in [0, 1]; near 0 the standardisation is amplifying a vector that is almost
+        the same for every input (docs/method.md "Teacher targets at small batch")."""
+        rms = (self.running_mean.pow(2) + self.running_var).clamp_min(1e-12).sqrt()
+        return (self.running_var.clamp_min(0).sqrt() / rms).mean()
 
     @torch.no_grad()
     def _observe(self, v: torch.Tensor, first: bool) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 LOG_NAME = "training_log.txt"
 PLOT_NAME = "progress.png"
 LOSS_KEYS = ("loss", "cls", "casa", "recon")
-MONITOR_KEYS = ("teacher_entropy", "kl_uniform")
+MONITOR_KEYS = ("teacher_entropy", "kl_uniform", "cls_spread")
 
 
 class RunLog:
@@ -63,7 +63,7 @@ class RunLog:
         fig, axes = plt.subplots(2, 2, figsize=(12, 8))
         panels = [(axes[0, 0], LOSS_KEYS, "loss terms", True),
                   (axes[0, 1], ("lr", "teacher_temp"), "lr, teacher temperature (momentum: right axis)", True),
-                  (axes[1, 0], MONITOR_KEYS, "teacher monitors (collapse: entropy→0 or KL→0)", False),
+                  (axes[1, 0], MONITOR_KEYS, "teacher monitors (collapse: entropy→0 or KL→0; cls_spread→0)", False),
                   (axes[1, 1], ("vol/s", "fallback_rate"), "throughput (vol/s), matcher fallback rate", False)]
         for ax, keys, title, logy in panels:
             for k in keys:
