@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from nnunet_alice.pretrain.config import PretrainConfig
+from nnunet_alice.pretrain.config import CLS_POOLS, PretrainConfig
 from nnunet_alice.pretrain.objectives.losses import probs_entropy, sinkhorn_knopp
 from nnunet_alice.pretrain.objectives.alice import AliceStudent
 
@@ -82,7 +82,7 @@ def main() -> None:
           "| centre 0.04 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for kind in ("PlainConvUNet", "ResidualEncoderUNet"):
-        for mode in ("prenorm_mlp", "prenorm_mean", "mean"):
+        for mode in CLS_POOLS:
             cfg = PretrainConfig(cls_pool=mode)
             torch.manual_seed(1)
             model = AliceStudent(build(kind, args.features), cfg).eval()

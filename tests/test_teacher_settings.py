@@ -26,6 +26,8 @@ def test_defaults_are_valid():
     ({"freeze_last_layer_min_steps": -5}, "--freeze-last-layer-min-steps"),
     ({"cls_queue_size": -1}, "--cls-queue-size"),
     ({"casa_queue_size": -1}, "--casa-queue-size"),
+    ({"koleo_weight": -0.1}, "--koleo-weight"),
+    ({"koleo_memory": 0}, "--koleo-memory"),
     ({"sinkhorn_iterations": 0}, "--sinkhorn-iterations"),
     ({"head_out_dim": 1}, "--head-out-dim"),
     ({"head_out_dim": 36}, "CASA heads"),

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--casa-queue-size", type=int, default=d.casa_queue_size,
                    help="the same for the CASA token targets (0: none)")
     o.add_argument("--center-momentum", type=float, default=d.center_momentum)
+    o.add_argument("--koleo-weight", type=float, default=d.koleo_weight,
+                   help="KoLeo spread of the student's CLS embeddings against a memory of earlier ones (0: off)")
+    o.add_argument("--koleo-memory", type=int, default=d.koleo_memory)
     o.add_argument("--cls-pool", choices=CLS_POOLS, default=d.cls_pool,
                    help="CLS vector: pre-norm bottleneck tokens through a per-token MLP (prenorm_mlp) or averaged "
                         "(prenorm_mean), both standardised; mean: pool of the bottleneck output")

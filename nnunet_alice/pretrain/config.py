@@ -71,6 +71,8 @@ class PretrainConfig:
     cls_queue_size: int = 2048    # past teacher rows added to the Sinkhorn-Knopp normalisation of the CLS targets
     casa_queue_size: int = 0      # ... and of the CASA token targets (measured to hurt: docs/method.md)
     cls_pool: str = "prenorm_mlp"
+    koleo_weight: float = 0.1     # KoLeo spread of the student's CLS embeddings (DINOv2's weight; objectives/koleo.py)
+    koleo_memory: int = 64        # earlier student CLS embeddings the nearest neighbour is searched in
 
     # optimisation
     steps: Optional[int] = None
@@ -163,7 +165,7 @@ class PretrainConfig:
         if self.sinkhorn_iterations < 1:
             bad(f"--sinkhorn-iterations must be >= 1, got {self.sinkhorn_iterations}")
         for name in ("head_out_dim", "head_hidden_dim", "head_bottleneck_dim", "casa_heads", "iterations_per_epoch",
-                     "log_every", "save_every"):
+                     "log_every", "save_every", "koleo_memory"):
             if getattr(self, name) < 1:
                 bad(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.head_out_dim < 2:
@@ -172,7 +174,8 @@ class PretrainConfig:
             bad(f"--head-out-dim ({self.head_out_dim}) must be divisible by the {self.casa_heads} CASA heads")
         if not 0.0 <= self.casa_dropout < 1.0:
             bad(f"casa_dropout must be in [0, 1), got {self.casa_dropout}")
-        for name in ("lambda_cls", "lambda_casa", "lambda_recon", "weight_decay", "weight_decay_end", "grad_clip"):
+        for name in ("lambda_cls", "lambda_casa", "lambda_recon", "weight_decay", "weight_decay_end", "grad_clip",
+                     "koleo_weight"):
             if getattr(self, name) < 0:
                 bad(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 

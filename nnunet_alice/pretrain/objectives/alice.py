@@ -1,6 +1,7 @@
 """The Alice objective on nnU-Net's planned CNN U-Net (Jiang et al., ICCV 2023; docs/method.md).
 
     L = λ1 · L_cls  (Eq. 1, DINO cross-view CE on the pooled bottleneck, teacher(Q)↔student(masked K) and back)
+      + λk · L_koleo (spread of the student's CLS embeddings against a memory of earlier ones; koleo.py)
       + λ2 · L_casa (Eq. 2, CE between CASA outputs S (online) and T (target), per view)
       + λ3 · L_rec  (masked image modelling through the decoder and a separate head, MSE on masked voxels
                      against the view without intensity augmentation; SparK-style masking: objectives/sparse.py)
@@ -24,6 +25,7 @@ from torch.nn import functional as F
 
 from nnunet_alice.pretrain.objectives.casa import CasaAlignment
 from nnunet_alice.pretrain.objectives.ema import EmaTeacher
+from nnunet_alice.pretrain.objectives.koleo import KoLeoMemory
 from nnunet_alice.pretrain.objectives.heads import (ClsPooling, DinoHead, PreNormTap, TokenProjection, cls_features,
                                                     decoder_bottleneck_tap)
 from nnunet_alice.pretrain.objectives.losses import (CasaTokenLoss, DinoCrossViewLoss, kl_to_uniform, probs_entropy,
@@ -57,8 +59,8 @@ class AliceStudent(nn.Module):
         pooled = cls_features(self.cls_pool, f, self._prenorm)
         weights = token_fraction(visible, pooled.shape[2:]).gt(0) if visible is not None else None
         enc = self._enc_in.pop() if self._enc_in is not None else f["bottleneck"]
-        out = {"recon": f["recon"], "cls": self.head(self.cls_pool(pooled, update_stats, weights)),
-               "grid": tuple(enc.shape[2:])}
+        cls, z = self.head(self.cls_pool(pooled, update_stats, weights), with_embedding=True)
+        out = {"recon": f["recon"], "cls": cls, "cls_z": z, "grid": tuple(enc.shape[2:])}
         if need_tokens:
             out["enc"] = self.head(self.proj_enc(enc))
             out["dec"] = self.head(self.proj_dec(f["decoder"]))
@@ -87,6 +89,7 @@ class AliceObjective(nn.Module):
                                           config.sinkhorn_iterations, config.cls_queue_size)
         self.casa_loss = CasaTokenLoss(k, config.student_temp, config.center_momentum, config.centering,
                                        config.sinkhorn_iterations, config.casa_queue_size)
+        self.koleo = KoLeoMemory(config.head_bottleneck_dim, config.koleo_memory)
         self.freeze_last_layer_steps = int(schedules.freeze_last_layer_steps)
 
     @property
@@ -121,6 +124,9 @@ class AliceObjective(nn.Module):
         if cfg.use_cls:
             terms["cls"] = self.cls_loss(s_cls[:b], s_cls[b:], t_cls[:b], t_cls[b:], temp)
             total = total + cfg.lambda_cls * terms["cls"]
+            if cfg.koleo_weight > 0:                       # keeps the student's CLS embeddings spread (koleo.py)
+                terms["koleo"] = self.koleo(s["cls_z"].float())
+                total = total + cfg.koleo_weight * terms["koleo"]
         if cfg.use_casa:
             online = self.casa(s["enc"].float(), s["dec"].float())
             target_tokens = t["enc"] if cfg.casa_target == "teacher_encoder_ema" else t["dec"]

@@ -119,11 +119,17 @@ class DinoHead(nn.Module):
         self.norm_last_layer = bool(norm_last_layer)
         self.out_dim = int(out_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in_dim) -> (..., out_dim) logits (before any temperature)."""
+    def forward(self, x: torch.Tensor, with_embedding: bool = False):
+        """(..., in_dim) -> (..., out_dim) logits (before any temperature); with ``with_embedding`` also the
+        normalised bottleneck z they score, as ``(logits, z)``."""
+        z = self.embed(x)
+        logits = self.last_layer(z)
+        return (logits, z) if with_embedding else logits
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_dim) -> (..., bottleneck_dim): the L2-normalised bottleneck z that the prototypes score."""
         x = self.mlp(x)
-        x = F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype in (torch.float16, torch.bfloat16) else 1e-12)
-        return self.last_layer(x)
+        return F.normalize(x, dim=-1, p=2, eps=1e-6 if x.dtype in (torch.float16, torch.bfloat16) else 1e-12)
 
     def last_layer_parameters(self) -> Iterator[nn.Parameter]:
         """The prototype layer's parameters (weight-norm direction v, and gain g)."""

@@ -10,7 +10,7 @@ import numpy as np
 
 LOG_NAME = "training_log.txt"
 PLOT_NAME = "progress.png"
-LOSS_KEYS = ("loss", "cls", "casa", "recon")
+LOSS_KEYS = ("loss", "cls", "casa", "recon", "koleo")
 MONITOR_KEYS = ("teacher_entropy", "kl_uniform", "cls_spread")
 
 

@@ -1,0 +1,52 @@
+"""KoLeo spread regulariser on the student's CLS embedding, against a memory of earlier embeddings.
+
+DINOv2 (Oquab et al. 2023, arXiv 2304.07193, Sec. 4 "KoLeo regularizer"; Sablayrolles et al. 2019,
+arXiv 1806.03198) adds L = -1/n sum_i log(d_i), d_i the distance from the L2-normalised embedding z_i to its
+nearest neighbour in the batch, so that embeddings spread over the sphere; public code:
+https://github.com/facebookresearch/dinov2/blob/main/dinov2/loss/koleo_loss.py.
+
+At batch 2 the batch holds two volumes, and the nearest neighbour of a view is the other view of its own
+volume, which the CLS term pulls closer; pushing that pair apart would fight the invariance the CLS term teaches.
+So the neighbours here are the student's embeddings of the previous steps (detached, a ring buffer of
+``memory`` rows, other volumes with high probability), as in a memory bank (Wu et al. 2018, arXiv 1805.01978).
+Why it is needed is measured in docs/method.md "Teacher targets at small batch": without it the teacher's pooled
+CLS loses its variation between inputs and the targets drift towards uniform.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class KoLeoMemory(nn.Module):
+    def __init__(self, dim: int, memory: int = 64, eps: float = 1e-8):
+        super().__init__()
+        if memory < 1:
+            raise ValueError(f"memory must be >= 1, got {memory}")
+        self.eps = float(eps)
+        self.register_buffer("bank", torch.zeros(int(memory), int(dim)))
+        self.register_buffer("bank_len", torch.zeros((), dtype=torch.long))
+        self.register_buffer("bank_ptr", torch.zeros((), dtype=torch.long))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``z`` (R, dim), L2-normalised rows: -mean log(distance to the nearest memory row); 0 while the memory
+        is empty. The rows enter the memory afterwards (detached)."""
+        if z.dim() != 2 or z.shape[1] != self.bank.shape[1]:
+            raise ValueError(f"z must be (R, {self.bank.shape[1]}), got {tuple(z.shape)}")
+        n = int(self.bank_len)
+        if n:
+            d = torch.cdist(z.float(), self.bank[:n].clone())         # (R, n); a copy: the bank changes below
+            loss = -torch.log(d.min(dim=1).values + self.eps).mean()
+        else:
+            loss = z.new_zeros(()).float() + 0.0 * z.sum()           # keeps the graph (DDP: every parameter used)
+        self._push(z.detach().float())
+        return loss
+
+    @torch.no_grad()
+    def _push(self, rows: torch.Tensor) -> None:
+        size = self.bank.shape[0]
+        rows = rows[-size:]
+        idx = (torch.arange(rows.shape[0], device=rows.device) + int(self.bank_ptr)) % size
+        self.bank[idx] = rows.to(self.bank)
+        self.bank_ptr.fill_((int(self.bank_ptr) + rows.shape[0]) % size)
+        self.bank_len.fill_(min(size, int(self.bank_len) + rows.shape[0]))
