@@ -8,8 +8,9 @@ initialisation), takes one 32³-voxel (or ``--patch``) crop
 near the centre of each of ``--cases`` preprocessed training cases, and prints for the student and the teacher:
 the mean pairwise cosine of the head's input (the standardised CLS vector) and of its normalised bottleneck ``z``,
 the spread of the logits across cases, and the entropy of the Sinkhorn-Knopp and softmax targets at the teacher
-temperature, as a fraction of ln K (1.0 = uniform); and the student once more with the teacher's CLS
-standardisation statistics (the student's own come from masked views). docs/results.md has what it found.
+temperature, as a fraction of ln K (1.0 = uniform); the student on masked views (as it is trained, fixed random
+block masks); and the student once more with the teacher's CLS standardisation statistics (the student's own come
+from masked views). docs/results.md has what it found.
 
     python -m benchmarks.cls_spread -d 990 -p nnUNetPlans_alicebench_long -c 3d_fullres CHECKPOINT [init ...]
 """
@@ -27,6 +28,7 @@ from torch.nn import functional as F
 from nnunet_alice.checkpoint import load_checkpoint
 from nnunet_alice.pretrain.config import PretrainConfig
 from nnunet_alice.pretrain.data.cases import load_plans, resolve_dataset_name
+from nnunet_alice.pretrain.data.masking import batch_block_masks
 from nnunet_alice.pretrain.model import build_planned_network
 from nnunet_alice.pretrain.objectives.alice import AliceObjective
 from nnunet_alice.pretrain.objectives.losses import probs_entropy, sinkhorn_knopp
@@ -52,11 +54,18 @@ def mean_cos(v: torch.Tensor) -> float:
     return float((c.sum() - n) / (n * (n - 1)))
 
 
-def spread(model, x: torch.Tensor, temp: float) -> dict:
+def spread(model, x: torch.Tensor, temp: float, masking=None) -> dict:
+    """Spread of ``model``'s CLS over the crops ``x``; ``masking`` = (the objective's ``mim``, a (B, 1, *S) mask):
+    the masked views the student is trained on, through the sparse encoder."""
     seen = []
     hook = model.head.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     with torch.no_grad():
-        logits = model.encode(x, need_tokens=False)["cls"].float()
+        if masking is None:
+            logits = model.encode(x, need_tokens=False)["cls"].float()
+        else:
+            mim, mask = masking
+            with mim.masked(mask):
+                logits = model.encode(x * (1.0 - mask), need_tokens=False, visible=1.0 - mask)["cls"].float()
         z = F.normalize(model.head.mlp(seen[-1]), dim=-1)
     hook.remove()
     log_k = math.log(logits.shape[-1])
@@ -92,11 +101,16 @@ def main(argv=None) -> None:
             objective.network.load_state_dict(ckpt["network_weights"])       # the student network
             missing = objective.load_state_dict(ckpt["training_state"]["objective"], strict=False).missing_keys
             # the student network comes from network_weights; a loss queue a setting did not have is not read here
-            assert all(k.startswith("student.network.") or "_loss.queue" in k for k in missing), missing[:3]
+            assert all(k.startswith(("student.network.", "koleo.")) or "_loss.queue" in k for k in missing), missing[:3]
             step = ckpt["training_state"]["step"]
         objective.eval()
         student, teacher = objective.student, getattr(objective.teacher, "module", objective.teacher)
         rows = [("student", spread(student, x, cfg.teacher_temp)), ("teacher", spread(teacher, x, cfg.teacher_temp))]
+        if cfg.masking == "spark":                     # the views the student is trained on: 75 % of blocks masked
+            mask = torch.from_numpy(batch_block_masks(len(x), list(x.shape[2:]), cfg.mask_block_size, cfg.mask_ratio,
+                                                      np.random.default_rng(0))).float()
+            mask = mask if mask.dim() == x.dim() else mask.unsqueeze(1)
+            rows.insert(1, ("student, masked views", spread(student, x, cfg.teacher_temp, (objective.mim, mask))))
         # the student's standardisation statistics come from masked views, the teacher's from whole ones
         student.cls_pool.running_mean.copy_(teacher.cls_pool.running_mean)
         student.cls_pool.running_var.copy_(teacher.cls_pool.running_var)
