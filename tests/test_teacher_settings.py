@@ -10,7 +10,7 @@ from nnunet_alice.pretrain.training.monitor import CollapseMonitor
 
 def test_defaults_are_valid():
     cfg = PretrainConfig(dataset_name="Dataset001_X").validate()
-    assert (cfg.centering, cfg.cls_pool) == ("sinkhorn", "prenorm_mlp")
+    assert (cfg.centering, cfg.cls_pool) == ("sinkhorn", "mlp")
 
 
 @pytest.mark.parametrize("overrides,option", [

@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KoLeo spread of the student's CLS embeddings against a memory of earlier ones (0: off)")
     o.add_argument("--koleo-memory", type=int, default=d.koleo_memory)
     o.add_argument("--cls-pool", choices=CLS_POOLS, default=d.cls_pool,
-                   help="CLS vector: pre-norm bottleneck tokens through a per-token MLP (prenorm_mlp) or averaged "
-                        "(prenorm_mean), both standardised; mean: pool of the bottleneck output")
+                   help="CLS vector: bottleneck output tokens through a per-token MLP, standardised (mlp); the same "
+                        "on the conv output before the bottleneck's norm (prenorm_mlp) or averaged (prenorm_mean); "
+                        "mean: plain pool of the bottleneck output")
     o.add_argument("--warmup-teacher-temp-fraction", type=float, default=d.warmup_teacher_temp_fraction)
     o.add_argument("--warmup-teacher-temp-min-steps", type=int, default=d.warmup_teacher_temp_min_steps)
     o.add_argument("--freeze-last-layer-fraction", type=float, default=d.freeze_last_layer_fraction)

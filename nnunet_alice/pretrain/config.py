@@ -70,7 +70,7 @@ class PretrainConfig:
     sinkhorn_iterations: int = 3
     cls_queue_size: int = 2048    # past teacher rows added to the Sinkhorn-Knopp normalisation of the CLS targets
     casa_queue_size: int = 0      # ... and of the CASA token targets (measured to hurt: docs/method.md)
-    cls_pool: str = "prenorm_mlp"
+    cls_pool: str = "mlp"
     koleo_weight: float = 0.1     # KoLeo spread of the student's CLS embeddings (DINOv2's weight; objectives/koleo.py)
     koleo_memory: int = 64        # earlier student CLS embeddings the nearest neighbour is searched in
 

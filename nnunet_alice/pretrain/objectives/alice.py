@@ -6,14 +6,15 @@
       + λ3 · L_rec  (masked image modelling through the decoder and a separate head, MSE on masked voxels
                      against the view without intensity augmentation; SparK-style masking: objectives/sparse.py)
 
-Mapping to a CNN U-Net: CLS = the bottleneck's last conv output *before* its InstanceNorm, pooled through a
-per-token MLP and standardised (``heads.ClsPooling``; the pool of the normed output is nearly the same vector
-for every image); encoder tokens = bottleneck voxels; decoder tokens = voxels of the lowest-resolution decoder
-stage; linear projections sized from the plan's ``features_per_stage`` feed one DINO head (shared MLP +
-prototypes) whose logits CASA aligns (the official code's placement). The teacher is an EMA copy of the whole
+Mapping to a CNN U-Net: CLS = the bottleneck's output tokens through a per-token MLP, averaged and standardised
+(``heads.ClsPooling``; the plain pool of the normed output is nearly the same vector for every image); encoder
+tokens = bottleneck voxels; decoder tokens = voxels of the lowest-resolution decoder stage; linear projections
+sized from the plan's ``features_per_stage`` feed one DINO head (shared MLP + prototypes) whose logits CASA aligns
+(the official code's placement). The teacher is an EMA copy of the whole
 student (network, projections, pooling, head). CASA's target T is computed from teacher tokens only
 (``casa.CasaAlignment.target``) and its CE is taken on the tokens whose region was masked in the student view.
-Teacher targets: Sinkhorn-Knopp by default, DINO's centre as an option (``losses``).
+Teacher targets: Sinkhorn-Knopp over the batch and a queue of centred earlier rows by default, DINO's centre as an
+option (``losses``).
 """
 from __future__ import annotations
 

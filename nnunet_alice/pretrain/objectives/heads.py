@@ -234,10 +234,10 @@ class ClsPooling(nn.Module):
 
     Modes (:data:`CLS_POOLS`):
 
-    * ``prenorm_mlp`` (default): tokens of the pre-norm map -> phi = GELU(Linear(C, hidden)) per token -> mean
+    * ``prenorm_mlp``: tokens of the pre-norm map -> phi = GELU(Linear(C, hidden)) per token -> mean
       -> running standardisation; ``out_dim = hidden`` (2 C by default);
     * ``prenorm_mean``: global average pool of the pre-norm map -> running standardisation; no parameters;
-    * ``mlp``: the same per-token MLP and standardisation on the bottleneck *output* (after its norm and
+    * ``mlp`` (default): the same per-token MLP and standardisation on the bottleneck *output* (after its norm and
       nonlinearity). The norm fixes each channel's mean, but not the mean of a nonlinear function of all channels,
       and the output does not depend on the scale or bias of the conv before the norm, which nothing but the CLS
       term constrains (weight decay shrinks that scale, and the pre-norm pool becomes the bias; docs/method.md);
