@@ -28,6 +28,7 @@ def test_defaults_are_valid():
     ({"casa_queue_size": -1}, "--casa-queue-size"),
     ({"koleo_weight": -0.1}, "--koleo-weight"),
     ({"koleo_memory": 0}, "--koleo-memory"),
+    ({"intra_jitter": 1.5}, "--intra-jitter"),
     ({"sinkhorn_iterations": 0}, "--sinkhorn-iterations"),
     ({"head_out_dim": 1}, "--head-out-dim"),
     ({"head_out_dim": 36}, "CASA heads"),

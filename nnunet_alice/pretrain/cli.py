@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reconstruct the target standardised within each mask block")
     o.add_argument("--match-threshold", type=float, default=d.match_threshold,
                    help="accept a match scoring at least this (registration: local NCC; embedding: mean cosine)")
+    o.add_argument("--intra-jitter", type=float, default=d.intra_jitter,
+                   help="intra matcher: shift of the key view's centre, as a fraction of the patch size")
     o.add_argument("--match-tries", type=int, default=d.match_tries,
                    help="query points tried per sample before falling back to the same volume (intra)")
     o.add_argument("--teacher-temp", type=float, default=d.teacher_temp)

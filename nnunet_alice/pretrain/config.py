@@ -134,6 +134,8 @@ class PretrainConfig:
                 "drop --no-cls/--no-casa or use --objective mae")
         if not -1.0 <= self.match_threshold <= 1.0:
             bad(f"--match-threshold must be in [-1, 1] (scores are correlations/cosines), got {self.match_threshold}")
+        if not 0.0 <= self.intra_jitter <= 1.0:
+            bad(f"--intra-jitter must be in [0, 1] (a fraction of the patch size), got {self.intra_jitter}")
         if self.match_tries < 1:
             bad(f"--match-tries must be >= 1, got {self.match_tries}")
         if not self.data_timeout > 0:
