@@ -72,9 +72,11 @@ def test_two_ranks_match_one_rank(tmp_path):
     g2 = torch.cat([ddp_state[k].flatten() for k in grads])
     assert float((g1 - g2).norm() / g1.norm()) < 1e-5  # averaged DDP gradients == full-batch gradients
     for k, v in single.items():
-        if not k.startswith("grad.") and ".queue" not in k:
+        if not k.startswith("grad.") and ".queue" not in k and not k.startswith("koleo.bank"):
             assert torch.allclose(v.float(), ddp_state[k].float(), rtol=1e-4, atol=1e-5), k
-    # each rank queues its own rows (SwAV's queue); Sinkhorn-Knopp sums over all ranks' queues
+    # each rank keeps its own KoLeo memory (DINOv2's KoLeo is per GPU too) and queues its own rows (SwAV's queue);
+    # Sinkhorn-Knopp sums over all ranks' queues
+    assert int(single["koleo.bank_len"]) == 2 * int(ddp_state["koleo.bank_len"]) > 0
     assert int(single["cls_loss.queue_len"]) == 2 * int(ddp_state["cls_loss.queue_len"]) > 0
     local = ddp_state["cls_loss.queue"][: int(ddp_state["cls_loss.queue_len"])]
     assert all(any(torch.allclose(row, other, atol=1e-5) for other in single["cls_loss.queue"]) for row in local)

@@ -9,8 +9,9 @@ At batch 2 the batch holds two volumes, and the nearest neighbour of a view is t
 volume, which the CLS term pulls closer; pushing that pair apart would fight the invariance the CLS term teaches.
 So the neighbours here are the student's embeddings of the previous steps (detached, a ring buffer of
 ``memory`` rows, other volumes with high probability), as in a memory bank (Wu et al. 2018, arXiv 1805.01978).
-Why it is needed is measured in docs/method.md "Teacher targets at small batch": without it the teacher's pooled
-CLS loses its variation between inputs and the targets drift towards uniform.
+Under torch.distributed each rank keeps its own memory (DINOv2 takes the nearest neighbour within each GPU's
+batch too). Why it was added, and that it did not stop the student's CLS embeddings from collapsing at batch 2,
+is measured in docs/method.md "Teacher targets at small batch" and docs/results.md.
 """
 from __future__ import annotations
 
