@@ -251,7 +251,6 @@ def test_cls_tells_volumes_apart_at_initialisation(build):
     assert results["mean"][0] > 0.9, results            # InstanceNorm centred it: nearly one vector for all
 
 
-
 def test_relative_spread_reads_how_much_the_pooled_cls_varies_between_inputs():
     g = torch.Generator().manual_seed(0)
     varied, constant = ClsPooling(6, "prenorm_mean", momentum=0.0), ClsPooling(6, "prenorm_mean", momentum=0.0)

@@ -33,12 +33,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils.parametrizations import weight_norm
 
+from nnunet_alice.pretrain.config import CLS_POOLS
 from nnunet_alice.pretrain.model import unwrap
 
 __all__ = ["DinoHead", "TokenProjection", "global_pool_tokens", "flatten_tokens", "ClsPooling", "PreNormTap",
            "InputTap", "decoder_bottleneck_tap", "prenorm_conv", "CLS_POOLS"]
 
-CLS_POOLS = ("prenorm_mlp", "prenorm_mean", "mlp", "mean")
 
 
 def _trunc_normal_init(module: nn.Module) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nnunet_alice.pretrain.objectives.losses import ring_push
+
 
 class KoLeoMemory(nn.Module):
     def __init__(self, dim: int, memory: int = 64, eps: float = 1e-8):
@@ -40,14 +42,5 @@ class KoLeoMemory(nn.Module):
             loss = -torch.log(d.min(dim=1).values + self.eps).mean()
         else:
             loss = z.new_zeros(()).float() + 0.0 * z.sum()           # keeps the graph (DDP: every parameter used)
-        self._push(z.detach().float())
+        ring_push(self.bank, self.bank_ptr, self.bank_len, z.detach().float())
         return loss
-
-    @torch.no_grad()
-    def _push(self, rows: torch.Tensor) -> None:
-        size = self.bank.shape[0]
-        rows = rows[-size:]
-        idx = (torch.arange(rows.shape[0], device=rows.device) + int(self.bank_ptr)) % size
-        self.bank[idx] = rows.to(self.bank)
-        self.bank_ptr.fill_((int(self.bank_ptr) + rows.shape[0]) % size)
-        self.bank_len.fill_(min(size, int(self.bank_len) + rows.shape[0]))

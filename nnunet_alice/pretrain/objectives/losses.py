@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 __all__ = ["DinoCrossViewLoss", "CasaTokenLoss", "reconstruction_loss", "teacher_entropy", "kl_to_uniform",
-           "global_mean", "sinkhorn_knopp", "probs_entropy", "probs_kl_to_uniform", "CENTERINGS"]
+           "global_mean", "sinkhorn_knopp", "ring_push", "probs_entropy", "probs_kl_to_uniform", "CENTERINGS"]
 
 Tensors = Union[torch.Tensor, Sequence[torch.Tensor]]
 CENTERINGS = ("sinkhorn", "center")
@@ -86,6 +86,18 @@ def _column_logsumexp(log_q: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(m, op=dist.ReduceOp.MAX)
     s = _global_sum(torch.exp(log_q - m).sum(dim=0, keepdim=True))
     return m + torch.log(s)
+
+
+@torch.no_grad()
+def ring_push(buffer: torch.Tensor, ptr: torch.Tensor, length: torch.Tensor, rows: torch.Tensor) -> None:
+    """Write ``rows`` (R, D) into the ring buffer ``buffer`` (S, D) at ``ptr``, keeping the last S rows; ``ptr`` and
+    ``length`` (0-d long buffers: next slot, rows held) are updated in place."""
+    size = buffer.shape[0]
+    rows = rows.detach()[-size:]
+    idx = (torch.arange(rows.shape[0], device=rows.device) + int(ptr)) % size
+    buffer[idx] = rows.to(buffer)
+    ptr.fill_((int(ptr) + rows.shape[0]) % size)
+    length.fill_(min(size, int(length) + rows.shape[0]))
 
 
 @torch.no_grad()
@@ -162,12 +174,7 @@ class _TeacherTargets(nn.Module):
         """Push ``rows`` centred by the current centre into the queue, then c <- m c + (1 - m) mean (DINO;
         ``batch_center`` has the centre's shape)."""
         if self.queue_size:
-            rows = self._centred(rows.detach().float())[-self.queue_size:]
-            n, ptr = rows.shape[0], int(self.queue_ptr)
-            idx = (torch.arange(n, device=rows.device) + ptr) % self.queue_size
-            self.queue[idx] = rows.to(self.queue)
-            self.queue_ptr.fill_((ptr + n) % self.queue_size)
-            self.queue_len.fill_(min(self.queue_size, int(self.queue_len) + n))
+            ring_push(self.queue, self.queue_ptr, self.queue_len, self._centred(rows.detach().float()))
         self.center.mul_(self.center_momentum).add_(batch_center.to(self.center), alpha=1.0 - self.center_momentum)
 
 
