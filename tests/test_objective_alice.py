@@ -180,3 +180,22 @@ def test_casa_cannot_be_satisfied_by_noise_teacher_tokens(mode="teacher_encoder_
     real = _casa_run(False, casa_target=mode, masking="zero")
     assert noise >= 0.8 * log_k, noise
     assert real < log_k and real < noise, (real, noise)
+
+
+@pytest.mark.parametrize("view", ["masked", "unmasked"])
+def test_cls_student_view_decides_whether_the_mask_reaches_the_cls_term(view):
+    """--cls-student-view unmasked: the student's CLS comes from a pass on the whole views, so another mask changes
+    the reconstruction term but not the CLS term; with the paper's masked views it changes both."""
+    torch.manual_seed(0)
+    _, obj, _ = make(cls_student_view=view, koleo_weight=0.0)
+    obj.eval()                                           # no dropout: two forwards differ only by the mask
+    a = alice_batch(2, seed=3)
+    b = dict(a, mask_q=torch.flip(a["mask_q"], dims=[-1]), mask_k=torch.flip(a["mask_k"], dims=[-1]))
+    start = {k: v.clone() for k, v in obj.state_dict().items()}   # queues and statistics as before the first call
+    with torch.no_grad():
+        _, ta = obj(a, 0)
+        assert int(obj.student.cls_pool.num_batches) == 1     # one update per step, by the pass the CLS term reads
+        obj.load_state_dict(start)
+        _, tb = obj(b, 0)
+    assert not torch.isclose(ta["recon"], tb["recon"])
+    assert bool(torch.isclose(ta["cls"], tb["cls"], atol=1e-5)) == (view == "unmasked")

@@ -9,8 +9,8 @@ import argparse
 from typing import List, Optional
 
 from nnunet_alice.errors import AliceError, cli_main
-from nnunet_alice.pretrain.config import (CASA_TARGETS, CENTERINGS, CLS_POOLS, MASKINGS, MATCHERS, OBJECTIVES,
-                                          RECON_REGIONS, PretrainConfig)
+from nnunet_alice.pretrain.config import (CASA_TARGETS, CENTERINGS, CLS_POOLS, CLS_STUDENT_VIEWS, MASKINGS, MATCHERS,
+                                          OBJECTIVES, RECON_REGIONS, PretrainConfig)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -95,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CLS vector: bottleneck output tokens through a per-token MLP, standardised (mlp); the same "
                         "on the conv output before the bottleneck's norm (prenorm_mlp) or averaged (prenorm_mean); "
                         "mean: plain pool of the bottleneck output")
+    o.add_argument("--cls-student-view", choices=CLS_STUDENT_VIEWS, default=d.cls_student_view,
+                   help="the student's CLS comes from its masked views (the paper's) or from one more pass on the "
+                        "same views unmasked (costs one more forward and backward)")
     o.add_argument("--warmup-teacher-temp-fraction", type=float, default=d.warmup_teacher_temp_fraction)
     o.add_argument("--warmup-teacher-temp-min-steps", type=int, default=d.warmup_teacher_temp_min_steps)
     o.add_argument("--freeze-last-layer-fraction", type=float, default=d.freeze_last_layer_fraction)

@@ -19,6 +19,7 @@ RECON_REGIONS = ("masked", "all")
 MASKINGS = ("spark", "zero")
 CENTERINGS = ("sinkhorn", "center")       # teacher targets (pretrain/objectives/losses.py)
 CLS_POOLS = ("prenorm_mlp", "prenorm_mean", "mlp", "mean")  # what the CLS vector pools (pretrain/objectives/heads.py)
+CLS_STUDENT_VIEWS = ("masked", "unmasked")  # which student pass the CLS term reads (pretrain/objectives/alice.py)
 
 
 @dataclass
@@ -71,6 +72,7 @@ class PretrainConfig:
     cls_queue_size: int = 2048    # past teacher rows added to the Sinkhorn-Knopp normalisation of the CLS targets
     casa_queue_size: int = 0      # ... and of the CASA token targets (measured to hurt: docs/method.md)
     cls_pool: str = "mlp"
+    cls_student_view: str = "masked"  # unmasked: one more student pass, on the whole views, for the CLS term
     koleo_weight: float = 0.1     # KoLeo spread of the student's CLS embeddings (DINOv2's weight; objectives/koleo.py)
     koleo_memory: int = 64        # earlier student CLS embeddings the nearest neighbour is searched in
 
@@ -151,6 +153,8 @@ class PretrainConfig:
             bad(f"--centering must be one of {CENTERINGS}, got {self.centering!r}")
         if self.cls_pool not in CLS_POOLS:
             bad(f"--cls-pool must be one of {CLS_POOLS}, got {self.cls_pool!r}")
+        if self.cls_student_view not in CLS_STUDENT_VIEWS:
+            bad(f"--cls-student-view must be one of {CLS_STUDENT_VIEWS}, got {self.cls_student_view!r}")
         for name in ("student_temp", "teacher_temp", "warmup_teacher_temp", "lr"):
             if not getattr(self, name) > 0:
                 bad(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")

@@ -113,9 +113,14 @@ class AliceObjective(nn.Module):
         b = batch["student_q"].shape[0]
         views = torch.cat([batch["student_q"], batch["student_k"]])
         masks = torch.cat([batch["mask_q"], batch["mask_k"]])
+        whole = None
+        if cfg.use_cls and cfg.cls_student_view == "unmasked":   # the CLS term reads a pass on the whole views
+            whole = self.student.encode(views, need_tokens=False, update_stats=True)
         with self.mim.masked(masks):
-            s = self.student.encode(views * (1.0 - masks), need_tokens=cfg.use_casa, update_stats=True,
+            s = self.student.encode(views * (1.0 - masks), need_tokens=cfg.use_casa, update_stats=whole is None,
                                     visible=1.0 - masks if cfg.masking == "spark" else None)
+        if whole is not None:                                     # the masked pass keeps MIM and CASA
+            s["cls"], s["cls_z"] = whole["cls"], whole["cls_z"]
         with torch.no_grad():
             t = self.teacher.module.encode(torch.cat([batch["teacher_q"], batch["teacher_k"]]),
                                            need_tokens=cfg.use_casa, update_stats=True)
