@@ -1,6 +1,7 @@
 """The Alice objective on nnU-Net's planned CNN U-Net (Jiang et al., ICCV 2023; docs/method.md).
 
-    L = λ1 · L_cls  (Eq. 1, DINO cross-view CE on the pooled bottleneck, teacher(Q)↔student(masked K) and back)
+    L = λ1 · L_cls  (Eq. 1, DINO cross-view CE on the pooled bottleneck, teacher(Q)↔student(K) and back; the
+                     student's K unmasked by default, masked as in the paper with --cls-student-view masked)
       + λk · L_koleo (spread of the student's CLS embeddings against a memory of earlier ones; koleo.py)
       + λ2 · L_casa (Eq. 2, CE between CASA outputs S (online) and T (target), per view)
       + λ3 · L_rec  (masked image modelling through the decoder and a separate head, MSE on masked voxels
