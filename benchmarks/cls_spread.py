@@ -8,9 +8,10 @@ initialisation), takes one 32³-voxel (or ``--patch``) crop
 near the centre of each of ``--cases`` preprocessed training cases, and prints for the student and the teacher:
 the mean pairwise cosine of the head's input (the standardised CLS vector) and of its normalised bottleneck ``z``,
 the spread of the logits across cases, and the entropy of the Sinkhorn-Knopp and softmax targets at the teacher
-temperature, as a fraction of ln K (1.0 = uniform); the student on masked views (as it is trained, fixed random
-block masks); and the student once more with the teacher's CLS standardisation statistics (the student's own come
-from masked views). docs/results.md has what it found.
+temperature, as a fraction of ln K (1.0 = uniform); the student on masked views (fixed random block masks: what
+its CLS reads under ``--cls-student-view masked``); and the student once more with the teacher's CLS
+standardisation statistics (the student's own come from the views its CLS reads). docs/results.md has what it
+found.
 
     python -m benchmarks.cls_spread -d 990 -p nnUNetPlans_alicebench_long -c 3d_fullres CHECKPOINT [init ...]
 """
