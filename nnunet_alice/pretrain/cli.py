@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the conv output before the bottleneck's norm (prenorm_mlp) or averaged (prenorm_mean); "
                         "mean: plain pool of the bottleneck output")
     o.add_argument("--cls-student-view", choices=CLS_STUDENT_VIEWS, default=d.cls_student_view,
-                   help="the student's CLS comes from one more pass on its views unmasked (default; one more "
-                        "forward and backward per step) or from its masked views (the paper's)")
+                   help="the student's CLS comes from one more encoder pass on its views unmasked (default; one "
+                        "more encoder forward and backward per step) or from its masked views (the paper's)")
     o.add_argument("--warmup-teacher-temp-fraction", type=float, default=d.warmup_teacher_temp_fraction)
     o.add_argument("--warmup-teacher-temp-min-steps", type=int, default=d.warmup_teacher_temp_min_steps)
     o.add_argument("--freeze-last-layer-fraction", type=float, default=d.freeze_last_layer_fraction)

@@ -72,7 +72,7 @@ class PretrainConfig:
     cls_queue_size: int = 2048    # past teacher rows added to the Sinkhorn-Knopp normalisation of the CLS targets
     casa_queue_size: int = 0      # ... and of the CASA token targets (measured to hurt: docs/method.md)
     cls_pool: str = "mlp"
-    cls_student_view: str = "unmasked"  # the CLS term reads one more student pass, on the whole views
+    cls_student_view: str = "unmasked"  # the CLS term reads one more encoder pass, on the whole views
     koleo_weight: float = 0.1     # KoLeo spread of the student's CLS embeddings (DINOv2's weight; objectives/koleo.py)
     koleo_memory: int = 64        # earlier student CLS embeddings the nearest neighbour is searched in
 

@@ -87,6 +87,14 @@ class UNetFeatures:
         so state dicts never see ``_orig_mod``."""
         self._run = torch.compile(self.network, **kwargs)
 
+    def encoder(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The encoder alone: ``{"bottleneck"}``, for what needs no decoder (the CLS of an unmasked view)."""
+        self._store.clear()
+        unwrap(self.network).encoder(x)
+        out = dict(self._store)
+        self._store.clear()
+        return out
+
     def __call__(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         self._store.clear()
         recon = (self._run if self._run is not None else self.network)(x)

@@ -69,6 +69,12 @@ class AliceStudent(nn.Module):
         return out
 
 
+    def encode_cls(self, x: torch.Tensor, update_stats: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """CLS logits and embedding ``z`` of unmasked views from the encoder alone (the decoder is not run)."""
+        pooled = cls_features(self.cls_pool, self._features.encoder(x), self._prenorm)
+        return self.head(self.cls_pool(pooled, update_stats), with_embedding=True)
+
+
 def token_fraction(mask: torch.Tensor, grid) -> torch.Tensor:
     """(B, 1, *S) voxel mask -> (B, N): the fraction of each token's voxels that are set, tokens in C order."""
     pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}[len(grid)]
@@ -115,13 +121,13 @@ class AliceObjective(nn.Module):
         views = torch.cat([batch["student_q"], batch["student_k"]])
         masks = torch.cat([batch["mask_q"], batch["mask_k"]])
         whole = None
-        if cfg.use_cls and cfg.cls_student_view == "unmasked":   # the CLS term reads a pass on the whole views
-            whole = self.student.encode(views, need_tokens=False, update_stats=True)
+        if cfg.use_cls and cfg.cls_student_view == "unmasked":   # the CLS term reads an encoder pass on whole views
+            whole = self.student.encode_cls(views, update_stats=True)
         with self.mim.masked(masks):
             s = self.student.encode(views * (1.0 - masks), need_tokens=cfg.use_casa, update_stats=whole is None,
                                     visible=1.0 - masks if cfg.masking == "spark" else None)
         if whole is not None:                                     # the masked pass keeps MIM and CASA
-            s["cls"], s["cls_z"] = whole["cls"], whole["cls_z"]
+            s["cls"], s["cls_z"] = whole
         with torch.no_grad():
             t = self.teacher.module.encode(torch.cat([batch["teacher_q"], batch["teacher_k"]]),
                                            need_tokens=cfg.use_casa, update_stats=True)
