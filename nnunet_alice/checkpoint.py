@@ -99,11 +99,18 @@ def to_plain(obj: Any) -> Any:
     raise TypeError(f"cannot store {type(obj).__name__} in a weights-only checkpoint")
 
 
-def save_checkpoint(path: str, payload: Dict[str, Any]) -> str:
-    """Serialise ``payload`` and write it atomically, then its ``.sha256`` sidecar. Returns the digest."""
+def serialise_checkpoint(payload: Dict[str, Any]) -> bytes:
+    """``payload`` as the bytes of a weights-only loadable ``.pth`` file (nothing is written)."""
     buf = io.BytesIO()
     torch.save(to_plain(payload), buf)
-    data = buf.getvalue()
+    return buf.getvalue()
+
+
+def save_checkpoint(path: str, payload: Dict[str, Any], data: Optional[bytes] = None) -> str:
+    """Write ``payload`` (or its bytes ``data`` from :func:`serialise_checkpoint`) atomically, then its ``.sha256``
+    sidecar. Returns the digest."""
+    if data is None:
+        data = serialise_checkpoint(payload)
     digest = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(path, data)
     write_sidecar(path, digest)

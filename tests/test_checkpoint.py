@@ -371,3 +371,21 @@ def test_previous_checkpoint_sidecar_names_its_own_file(tmp_path):
         for name in (LATEST, PREVIOUS):
             proc = subprocess.run(["sha256sum", "-c", name + ".sha256"], cwd=tmp_path, capture_output=True, text=True)
             assert proc.returncode == 0 and f"{name}: OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_stop_while_serialising_leaves_the_latest_checkpoint_in_place(tmp_path, monkeypatch):
+    """The payload is serialised before ``checkpoint_latest.pth`` is renamed to ``.prev``: an interruption during
+    the (slow) serialisation must not leave a folder without a latest checkpoint."""
+    from nnunet_alice.pretrain.training.checkpointing import LATEST, PREVIOUS, Checkpointer
+
+    cp = Checkpointer(str(tmp_path), lambda step, with_state: _payload(step=step))
+    cp.save(LATEST, 1, with_state=True)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # what a second Ctrl-C / SIGTERM raises in the middle of torch.save
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cp.save(LATEST, 2, with_state=True)
+    assert not (tmp_path / PREVIOUS).exists()
+    assert load_checkpoint(str(tmp_path / LATEST))["metadata"]["step"] == 1
