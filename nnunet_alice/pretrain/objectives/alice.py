@@ -108,6 +108,13 @@ class AliceObjective(nn.Module):
         """torch.compile the student network's forward (checkpoints keep nnU-Net's plain key layout)."""
         self.student._features.compile()
 
+    @property
+    def uses_every_parameter(self) -> bool:
+        """False when a term is off: its modules (CASA, the token projections, the CLS pool, decoder stages only
+        the reconstruction reads) then get no gradient (training/distributed.py)."""
+        cfg = self.config
+        return bool(cfg.use_cls and cfg.use_casa and cfg.use_recon)
+
     def student_modules(self) -> Dict[str, nn.Module]:
         mods = {"student": self.student, "mim": self.mim}
         if self.config.use_casa:

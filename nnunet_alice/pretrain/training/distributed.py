@@ -28,3 +28,16 @@ def init_from_env(device_type: str) -> bool:
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
+
+
+def data_parallel(objective: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """DistributedDataParallel over the objective.
+
+    An objective with a term switched off (CASA is off by default) holds parameters that get no gradient, e.g. the
+    CASA layer and the student's token projections. DDP then has to look for them every step
+    (``find_unused_parameters``); otherwise the buckets holding them are never reduced and the ranks' gradients
+    silently stop being averaged. Objectives say so through ``uses_every_parameter`` (default True).
+    """
+    unused = not getattr(objective, "uses_every_parameter", True)
+    return torch.nn.parallel.DistributedDataParallel(
+        objective, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)

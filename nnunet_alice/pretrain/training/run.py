@@ -117,8 +117,7 @@ class PretrainRun:
             self.objective.enable_compile()
         self.ddp_objective = self.objective
         if self.distributed:
-            self.ddp_objective = torch.nn.parallel.DistributedDataParallel(
-                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.ddp_objective = dist_utils.data_parallel(self.objective, self.device)
         self.optimizer = torch.optim.AdamW(parameter_groups(self.objective.student_modules()), lr=config.lr,
                                            weight_decay=config.weight_decay)
         self.autocast_dtype = torch.bfloat16 if self.device.type == "cuda" else None
