@@ -49,7 +49,7 @@ def test_the_objective_adds_the_term_only_when_it_is_on():
     from alice_fixtures import alice_batch, schedules_for, tiny_config, tiny_network
     from nnunet_alice.pretrain.objectives.alice import AliceObjective
 
-    cfg = tiny_config(koleo_weight=0.5)
+    cfg = tiny_config(koleo_weight=0.5, use_casa=True)
     obj = AliceObjective(tiny_network(), cfg, schedules_for(cfg))
     obj(alice_batch(2, seed=0), 0)                                     # fills the memory
     total, terms = obj(alice_batch(2, seed=1), 1)
@@ -58,5 +58,5 @@ def test_the_objective_adds_the_term_only_when_it_is_on():
     assert torch.allclose(total, expected)
     off = tiny_config(koleo_weight=0.0)
     assert "koleo" not in AliceObjective(tiny_network(), off, schedules_for(off))(alice_batch(2), 0)[1]
-    no_cls = tiny_config(use_cls=False)
+    no_cls = tiny_config(use_cls=False, use_casa=True)
     assert "koleo" not in AliceObjective(tiny_network(), no_cls, schedules_for(no_cls))(alice_batch(2), 0)[1]

@@ -8,6 +8,7 @@ from nnunet_alice.pretrain.objectives.alice import AliceObjective
 
 
 def make(**overrides):
+    overrides.setdefault("use_casa", True)  # these tests exercise all three terms; CASA is off by default
     cfg = tiny_config(**overrides)
     obj = AliceObjective(tiny_network(), cfg, schedules_for(cfg))
     opt = torch.optim.AdamW(parameter_groups(obj.student_modules()), lr=cfg.lr)
@@ -39,6 +40,22 @@ def test_switches_drop_terms(flags, absent):
     _, obj, _ = make(**flags)
     total, terms = obj(alice_batch(2), 0)
     assert absent not in terms and torch.isfinite(total)
+
+
+def test_casa_is_off_by_default_and_casa_turns_it_on():
+    from nnunet_alice.pretrain.cli import build_parser
+
+    base = ["-d", "1", "-c", "3d_fullres"]
+    assert build_parser().parse_args(base).use_casa is False
+    assert build_parser().parse_args(base + ["--casa"]).use_casa is True
+    assert build_parser().parse_args(base + ["--no-casa"]).use_casa is False
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(base + ["--casa", "--no-casa"])
+    cfg = tiny_config()
+    obj = AliceObjective(tiny_network(), cfg, schedules_for(cfg))
+    _, terms = obj(alice_batch(2), 0)
+    assert "casa" not in terms and {"cls", "recon"} <= set(terms)
+    assert "casa" not in obj.student_modules()  # no CASA parameters in the optimiser
 
 
 def test_casa_target_modes_differ_and_run():

@@ -62,8 +62,8 @@ METHODS: Dict[str, Arm] = {
     "alice_sawtooth": _pre(shares="alice", schedule="sawtooth"),
     "mae": _pre("--objective", "mae"),
     "mae_all": _pre(shares="mae", load_scope="all"),
-    "alice_nocasa": _pre("--no-casa"),
-    "alice_nocls": _pre("--no-cls"),
+    "alice_casa": _pre("--casa"),                          # the paper's three terms (CASA is off by default)
+    "alice_nocls": _pre("--no-cls", "--casa"),             # CASA + reconstruction
     "alice_norecon": _pre("--no-recon"),
     "alice_dinotemp": _pre("--teacher-temp", "0.07", "--warmup-teacher-temp", "0.04"),
     "alice_registration": _pre("--matcher", "registration"),
@@ -119,7 +119,7 @@ BUDGETS: Dict[str, Budget] = {
                          "start-up costs more than their 320 iterations"),
     "large": Budget("large", pretrain_steps=25000, epochs=250, iterations=250, val_iterations=50,
                     labels=["1", "2", "4", "all"], seeds=[0, 1, 2],
-                    methods=["scratch", "init0", "alice", "alice_all", "mae", "alice_nocasa", "alice_dinotemp"],
+                    methods=["scratch", "init0", "alice", "alice_all", "mae", "alice_casa", "alice_dinotemp"],
                     device="cuda", gpu_memory_target=None,
                     note="GPU (one >= 24 GB card): nnU-Net's own plan, hours per method"),
 }

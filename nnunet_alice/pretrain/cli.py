@@ -49,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--objective", choices=OBJECTIVES, default=d.objective)
     o.add_argument("--matcher", choices=MATCHERS, default=d.matcher, help="how key views are mined")
     o.add_argument("--no-cls", dest="use_cls", action="store_false", help="drop the DINO CLS term")
-    o.add_argument("--no-casa", dest="use_casa", action="store_false", help="drop the CASA alignment term")
+    casa = o.add_mutually_exclusive_group()
+    casa.add_argument("--casa", dest="use_casa", action="store_true", default=d.use_casa,
+                      help="add the CASA alignment term, the paper's third term (off by default: it cost probe Dice "
+                           "on the demo, docs/results.md)")
+    casa.add_argument("--no-casa", dest="use_casa", action="store_false", default=d.use_casa,
+                      help="without CASA (the default)")
     o.add_argument("--no-recon", dest="use_recon", action="store_false", help="drop masked reconstruction")
     o.add_argument("--casa-target", choices=CASA_TARGETS, default=d.casa_target)
     o.add_argument("--lambda-cls", type=float, default=d.lambda_cls)

@@ -34,7 +34,7 @@ class PretrainConfig:
     objective: str = "alice"
     matcher: str = "intra"
     use_cls: bool = True          # DINO cross-view CE on the pooled bottleneck ("CLS")
-    use_casa: bool = True         # CASA alignment CE between S and T
+    use_casa: bool = False        # CASA alignment CE between S and T; off by default (docs/results.md), --casa
     use_recon: bool = True        # masked image modelling through the decoder
     casa_target: str = "teacher_encoder_ema"
     lambda_cls: float = 1.0
@@ -133,7 +133,7 @@ class PretrainConfig:
             bad("--objective mae with --no-recon trains nothing")
         if self.objective == "alice" and not (self.use_cls or self.use_casa):
             bad("--objective alice needs at least one of the CLS and CASA terms; "
-                "drop --no-cls/--no-casa or use --objective mae")
+                "drop --no-cls, add --casa, or use --objective mae")
         if not -1.0 <= self.match_threshold <= 1.0:
             bad(f"--match-threshold must be in [-1, 1] (scores are correlations/cosines), got {self.match_threshold}")
         if not 0.0 <= self.intra_jitter <= 1.0:

@@ -3,7 +3,8 @@
     L = λ1 · L_cls  (Eq. 1, DINO cross-view CE on the pooled bottleneck, teacher(Q)↔student(K) and back; the
                      student's K unmasked by default, masked as in the paper with --cls-student-view masked)
       + λk · L_koleo (spread of the student's CLS embeddings against a memory of earlier ones; koleo.py)
-      + λ2 · L_casa (Eq. 2, CE between CASA outputs S (online) and T (target), per view)
+      + λ2 · L_casa (Eq. 2, CE between CASA outputs S (online) and T (target), per view; off by default, --casa:
+                     it cost probe Dice on the demo, docs/results.md)
       + λ3 · L_rec  (masked image modelling through the decoder and a separate head, MSE on masked voxels
                      against the view without intensity augmentation; SparK-style masking: objectives/sparse.py)
 
