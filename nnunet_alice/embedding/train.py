@@ -18,6 +18,7 @@ from nnunet_alice.embedding.loss import pair_loss
 from nnunet_alice.embedding.network import AnatomicalEmbeddingNet
 from nnunet_alice.embedding.pairs import PairConfig, make_pair
 from nnunet_alice.pretrain.matching.sampling import otsu_threshold
+from nnunet_alice.pretrain.training.schedules import cosine_schedule
 
 
 @dataclass
@@ -45,12 +46,11 @@ class TrainConfig:
         return d
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_schedule(cfg: TrainConfig) -> np.ndarray:
+    """Per-step learning rate: linear warm-up from ``lr / warm`` over ``warmup_fraction`` of the run, then a half
+    cosine to ``min_lr`` (the pretraining loop's ``cosine_schedule``)."""
     warm = max(1, int(cfg.warmup_fraction * cfg.steps))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    t = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
+    return cosine_schedule(cfg.lr, cfg.min_lr, cfg.steps, warm, warmup_start_value=cfg.lr / warm)
 
 
 def foreground_points(volume: np.ndarray, max_points: int = 20000, seed: int = 0) -> np.ndarray:
@@ -89,9 +89,10 @@ def train_embedding(volumes: Sequence[np.ndarray], arch: Optional[dict] = None, 
         bar = tqdm(total=cfg.steps, desc="alice_embed", unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
     net.train()
+    lrs = lr_schedule(cfg)
     for step in range(cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = float(lrs[step])
         pairs = []
         for _ in range(cfg.batch_size):
             i = int(rng.integers(len(vols_t)))

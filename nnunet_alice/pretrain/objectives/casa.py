@@ -38,9 +38,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from nnunet_alice.pretrain.config import CASA_TARGETS  # the two target modes, defined with the other settings
+
 __all__ = ["CasaAlignment", "CASA_TARGETS"]
 
-CASA_TARGETS = ("teacher_encoder_ema", "teacher_decoder_shared")
 
 # online parameters that have an EMA copy on the target side (all of them)
 _EMA_PARAMS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "out_proj.weight", "norm1.weight", "norm1.bias",
