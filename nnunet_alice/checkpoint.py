@@ -106,11 +106,13 @@ def serialise_checkpoint(payload: Dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def save_checkpoint(path: str, payload: Dict[str, Any], data: Optional[bytes] = None) -> str:
-    """Write ``payload`` (or its bytes ``data`` from :func:`serialise_checkpoint`) atomically, then its ``.sha256``
-    sidecar. Returns the digest."""
-    if data is None:
-        data = serialise_checkpoint(payload)
+def save_checkpoint(path: str, payload: Dict[str, Any]) -> str:
+    """Serialise ``payload`` and write it atomically, then its ``.sha256`` sidecar. Returns the digest."""
+    return write_checkpoint_bytes(path, serialise_checkpoint(payload))
+
+
+def write_checkpoint_bytes(path: str, data: bytes) -> str:
+    """Write the bytes of :func:`serialise_checkpoint` atomically, then the ``.sha256`` sidecar. Returns the digest."""
     digest = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(path, data)
     write_sidecar(path, digest)

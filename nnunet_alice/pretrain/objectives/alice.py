@@ -69,7 +69,6 @@ class AliceStudent(nn.Module):
             out["dec"] = self.head(self.proj_dec(f["decoder"]))
         return out
 
-
     def encode_cls(self, x: torch.Tensor, update_stats: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """CLS logits and embedding ``z`` of unmasked views from the encoder alone (the decoder is not run)."""
         pooled = cls_features(self.cls_pool, self._features.encoder(x), self._prenorm)

@@ -57,7 +57,7 @@ class Checkpointer:
         """Write checkpoint ``name``; a file-system error becomes one line naming the file and the last good one."""
         if not dist_utils.is_main_process():
             return
-        from nnunet_alice.checkpoint import save_checkpoint, serialise_checkpoint
+        from nnunet_alice.checkpoint import serialise_checkpoint, write_checkpoint_bytes
 
         payload = self.payload(step, with_state)
         path = self.path(name)
@@ -67,7 +67,7 @@ class Checkpointer:
         try:
             if name == LATEST:
                 self.keep_previous()
-            save_checkpoint(path, payload, data)
+            write_checkpoint_bytes(path, data)
         except OSError as e:
             kept = f"; last good checkpoint kept: {self.last_good}" if self.last_good else ""
             raise AliceError(os_error_message(e, e.filename or path, f"writing checkpoint at step {step}") + kept) \
