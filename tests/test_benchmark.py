@@ -337,6 +337,30 @@ def test_controls_share_initial_weights_and_pretraining(fake_env):
     assert METHODS["alice_sawtooth"].schedule == "sawtooth" and METHODS["alice_sawtooth"].shares == "alice"
 
 
+def test_pretrained_arm_under_nnunets_schedule_shares_the_checkpoint(fake_env):
+    """alice_nnunet: the alice checkpoint fine-tuned with nnU-Net's own schedule; results.md says who used what."""
+    runner = FakeRunner()
+    b = bench(runner, methods=("scratch", "alice", "alice_nnunet"), labels=("1",), seeds=(0, 1))
+    rows = b.run()
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    assert sorted(_arg(argv, "--seed") for argv, _ in runner.calls if argv[0] == "alice_pretrain") == ["0", "1"]
+    trains = {(os.path.basename(env["nnUNet_results"]), int(env["nnUNet_alice_bench_seed"])): env
+              for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
+    for seed in (0, 1):
+        ours, theirs = trains[("alice_nnunet", seed)], trains[("alice", seed)]
+        assert ours["nnUNet_alice_pretrained"] == theirs["nnUNet_alice_pretrained"] == b.checkpoint("alice", seed)
+        assert (ours["nnUNet_alice_bench_recipe"], theirs["nnUNet_alice_bench_recipe"]) == ("nnunet", "pretrained")
+    sentence = bench_report.recipes_sentence(rows)
+    parts = sentence.split(";")
+    assert len(parts) == 2
+    nnunet_part, = (p for p in parts if "nnU-Net's own schedule" in p)
+    pretrained_part, = (p for p in parts if "pretrained weights" in p)
+    assert "`scratch`" in nnunet_part and "`alice_nnunet`" in nnunet_part
+    assert "`alice`" in pretrained_part
+    assert "`alice_nnunet`" not in pretrained_part
+    assert sentence in Path(b.out, "results.md").read_text()
+
+
 def test_one_pretraining_per_arm_when_the_budget_says_so(fake_env):
     runner = FakeRunner()
     budget = get_budget("tiny", labels=["1"], seeds=[0, 1, 2], pretrain_per_seed=False)

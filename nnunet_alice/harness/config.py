@@ -60,8 +60,10 @@ METHODS: Dict[str, Arm] = {
     "alice": _pre(),
     "alice_all": _pre(shares="alice", load_scope="all"),   # the alice checkpoint, encoder + decoder loaded
     "alice_sawtooth": _pre(shares="alice", schedule="sawtooth"),
+    "alice_nnunet": _pre(shares="alice", recipe="nnunet"),  # the alice checkpoint under nnU-Net's own schedule
     "mae": _pre("--objective", "mae"),
     "mae_all": _pre(shares="mae", load_scope="all"),
+    "mae_nnunet": _pre(shares="mae", recipe="nnunet"),
     "alice_casa": _pre("--casa"),                          # the paper's three terms (CASA is off by default)
     "alice_nocls": _pre("--no-cls", "--casa"),             # CASA + reconstruction
     "alice_norecon": _pre("--no-recon"),

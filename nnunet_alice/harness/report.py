@@ -174,6 +174,21 @@ def warnings(rows: List[dict], baseline: str = BASELINE, margin: float = CONVERG
             f"efficiency; train longer (--epochs/--iterations)"]
 
 
+RECIPE_TEXT = {"nnunet": "nnU-Net's own schedule (SGD 1e-2, poly per epoch)",
+               "pretrained": "the recipe for pretrained weights (SGD peak 1e-3, per-iteration linear warm-up, poly)"}
+
+
+def recipes_sentence(rows: List[dict]) -> str:
+    """Which arms trained with which recipe, from the rows themselves (so the text cannot drift from the runs)."""
+    by_recipe: Dict[str, List[str]] = {}
+    for r in sorted(rows, key=_order_key):
+        names = by_recipe.setdefault(str(r.get("recipe") or "unknown"), [])
+        if r["method"] not in names:
+            names.append(r["method"])
+    return "Recipes: " + "; ".join(f"{RECIPE_TEXT.get(k, k)}: " + ", ".join(f"`{m}`" for m in v)
+                                   for k, v in by_recipe.items()) + "."
+
+
 def write_markdown(path: str, rows: List[dict], budget, dataset: str) -> None:
     b = budget
     per_seed = getattr(b, "pretrain_per_seed", True)
@@ -186,8 +201,7 @@ def write_markdown(path: str, rows: List[dict], budget, dataset: str) -> None:
                "labelled subset and the sampling, not the initial draw)")
             + f"; fine-tuning {b.epochs} epochs × {b.iterations} iterations ({b.val_iterations} val iterations), "
               f"device {b.device}" + (f", patch {b.patch_size}" if b.patch_size else "") + ".",
-            "Recipes: `scratch` = nnU-Net's own schedule (SGD 1e-2, poly per epoch); the other arms = the recipe "
-            "for pretrained weights (SGD peak 1e-3, per-iteration linear warm-up, poly).",
+            recipes_sentence(rows),
             f"Cells: {sum(r.get('status') == 'ok' for r in rows)} ok, "
             f"{sum(r.get('status') != 'ok' for r in rows)} failed (see results.csv).", ""]
     with open(path + ".tmp", "w") as f:
