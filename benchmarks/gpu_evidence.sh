@@ -24,7 +24,10 @@
 # gpu15 if defined else large on the GPU, tiny dry), GPU_EVIDENCE_METHODS ("scratch alice mae"),
 # GPU_EVIDENCE_LABELS ("1 all"; dry "1"), GPU_EVIDENCE_SEEDS ("0"), GPU_EVIDENCE_EPOCHS (10), GPU_EVIDENCE_FT_SECONDS
 # (fine-tuning seconds per cell, 40), GPU_EVIDENCE_WHEELS (.gpu_wheels/wheels), GPU_EVIDENCE_NO_SITK (1: hide
-# SimpleITK behind a placeholder, as on the GPU machine), GPU_EVIDENCE_DATASET (990).
+# SimpleITK behind a placeholder, as on the GPU machine), GPU_EVIDENCE_DATASET (990), GPU_EVIDENCE_RECIPE (how the
+# pretrained arms fine-tune: nnunet (default): nnU-Net's own schedule, arms alice_nnunet/mae_nnunet, the better
+# recipe in short runs (docs/finetuning.md); pretrained: the 1e-3 recipe, arms alice/mae; both: the two, twice the
+# cells in those folders).
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -53,6 +56,17 @@ fail() { say "FAILED: $*"; exit 1; }
 
 DID=${GPU_EVIDENCE_DATASET:-990}
 METHODS=${GPU_EVIDENCE_METHODS:-scratch alice mae}
+RECIPE=${GPU_EVIDENCE_RECIPE:-nnunet}
+case "$RECIPE" in nnunet|pretrained|both) ;; *) echo "GPU_EVIDENCE_RECIPE must be nnunet, pretrained or both, got '$RECIPE'"; exit 2;; esac
+# the alice_benchmark arms one folder runs: the pretrained arms under the chosen recipe(s), the others as named
+arm_methods() {
+    case "$1:$RECIPE" in
+        alice:nnunet|mae:nnunet) echo "$1_nnunet" ;;
+        alice:both|mae:both) echo "$1 $1_nnunet" ;;
+        *) echo "$1" ;;
+    esac
+}
+CELLS_PER_LABEL=1; [ "$RECIPE" = both ] && CELLS_PER_LABEL=2
 SEEDS=${GPU_EVIDENCE_SEEDS:-0}
 if [ "$DRY" = 1 ]; then
     LABELS=${GPU_EVIDENCE_LABELS:-1}   # the plumbing; 'all' adds three cells of the same kind
@@ -166,11 +180,11 @@ EST=$(grep '^estimate: ' "$WORK/estimate.txt" | tail -1)
 
 # the plan: Alice pretraining gets what the deadline leaves after the two fine-tuning cells of its arm;
 # contention between the three arms on one card is allowed for with a factor 1.5
-PLAN=$("$PY" - "$EST" "$DEADLINE" "$(elapsed)" "$EPOCHS" "$FT_SECONDS" "$MAX_STEPS" "$LABELS" "$DRY" <<'EOF'
+PLAN=$("$PY" - "$EST" "$DEADLINE" "$(elapsed)" "$EPOCHS" "$FT_SECONDS" "$MAX_STEPS" "$LABELS" "$DRY" "$CELLS_PER_LABEL" <<'EOF'
 import json, math, sys
 est = dict(kv.split("=", 1) for kv in sys.argv[1][len("estimate: "):].split())
 deadline, now, epochs, ft_s, max_steps = (float(a) for a in sys.argv[2:7])
-n_cells, dry = len(sys.argv[7].split()), sys.argv[8] == "1"
+n_cells, dry = len(sys.argv[7].split()) * int(sys.argv[9]), sys.argv[8] == "1"
 step_s = float(est["step_s"])
 contention, cell_overhead, startup, margin = 1.5, 45.0, 20.0, 25.0
 it_s = max(0.45 * step_s, 0.03) * contention          # an nnU-Net iteration ~ an MAE step ~ 0.45 Alice steps
@@ -194,7 +208,8 @@ say "estimate: $(pl step_s) s per Alice step, peak $(pl peak_mem_gib) GiB -> pre
 # ---------------------------------------------------------------------------------------------- 5. the arms
 LEFT=$(( DEADLINE - $(elapsed) ))
 [ "$LEFT" -gt 30 ] || fail "no time left for the arms (${LEFT}s)"
-say "arms: $METHODS, labels $LABELS, seeds $SEEDS, side by side, stopped after ${LEFT}s"
+say "arms: $(for m in $METHODS; do arm_methods "$m"; done | xargs), labels $LABELS, seeds $SEEDS, side by side," \
+    "stopped after ${LEFT}s"
 for m in $METHODS; do   # the set-up of the alice folder, including the unlabeled pool the estimate preprocessed
     [ "$m" = alice ] && continue
     mkdir -p "$(bench_dir "$m")/state"
@@ -204,7 +219,9 @@ done
 PIDS=()
 for m in $METHODS; do
     # shellcheck disable=SC2086
-    timeout --signal=TERM --kill-after=20 "$LEFT" alice_benchmark -d "$DID" --budget "$BUDGET" --methods "$m" \
+    # shellcheck disable=SC2046
+    timeout --signal=TERM --kill-after=20 "$LEFT" alice_benchmark -d "$DID" --budget "$BUDGET" \
+        --methods $(arm_methods "$m") \
         --labels $LABELS --seeds $SEEDS --pretrain-steps "$STEPS" --epochs "$EPOCHS" --iterations "$ITERS" \
         --val-iterations "$VALITS" --device "$DEVICE" -o "$(bench_dir "$m")" > "$WORK/arm_$m.log" 2>&1 &
     PIDS+=($!)

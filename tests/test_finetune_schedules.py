@@ -17,7 +17,7 @@ from nnunet_alice.trainers import (nnUNetTrainerAlice, nnUNetTrainerAlice_150epo
                                    nnUNetTrainerAlice_frozenEncoder, nnUNetTrainerAlice_frozenEncoder_tiny,
                                    nnUNetTrainerAlice_sawtooth, nnUNetTrainerAlice_sawtooth_tiny,
                                    nnUNetTrainerAlice_tiny)
-from nnunet_alice.trainers.recipe import PerIterationLR, warmup_iterations, warmup_poly
+from nnunet_alice.trainers.recipe import PerIterationLR, short_run_note, warmup_iterations, warmup_poly
 
 trainer_box = alice_trainer_utils.trainer_box  # the module-scoped fixture, found by pytest by this name
 
@@ -114,6 +114,13 @@ def test_long_run_learning_rate_per_iteration(trainer_box, monkeypatch, tmp_path
     assert lr(warmup + 1) < 1e-3 and lr(total - 1) == pytest.approx(1e-3 * (1 / (total - warmup)) ** 0.9)
     # per iteration, not per epoch: the rate changes inside the first epoch
     assert lr(1) > lr(0) and lr(249) == pytest.approx(250 * lr(0))
+
+
+def test_short_run_note_only_for_short_runs_at_the_default_peak():
+    assert short_run_note(1000, "default") is not None and "nnUNet_alice_lr=1e-2" in short_run_note(1000, "default")
+    assert short_run_note(1000, "nnUNet_alice_lr") is None           # the user chose the rate
+    assert short_run_note(150 * 250, "default") is None              # nnUNetTrainerAlice_150epochs and longer
+    assert short_run_note(150 * 250 - 1, "default") is not None
 
 
 def test_learning_rate_from_environment_and_plans(trainer_box, monkeypatch, tmp_path, capsys):
@@ -300,6 +307,7 @@ def test_full_training_with_nnunet_then_continue(trainer_box, monkeypatch, tmp_p
     log = open(t.log_file).read()
     assert "alice_doctor: WILL LOAD" in log and "(load scope encoder;" in log
     assert "recipe for pretrained weights: SGD" in log and "peak learning rate 0.001 (default)" in log
+    assert "Alice: note: 6 iterations is short for the default peak 0.001" in log
     assert "Alice: encoder frozen from iteration 0" in log and "Alice: encoder unfrozen at iteration 3" in log
 
     again = get_trainer_from_args(str(box.dataset_id), "3d_fullres", 0, name, TINY_PLANS, True, torch.device("cpu"))

@@ -45,6 +45,8 @@ def test_dry_run_completes_on_the_cpu(tmp_path):
     assert 1 <= evidence["pretrain_steps"] <= 2 and evidence["estimate"]["objective"] == "alice"
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {r["method"] for r in rows} == {"scratch", "alice", "mae"}
+    # the pretrained arms fine-tune under nnU-Net's schedule by default (GPU_EVIDENCE_RECIPE=nnunet)
+    assert {r["method"] for r in rows} == {"scratch", "alice_nnunet", "mae_nnunet"}
+    assert {r["recipe"] for r in rows} == {"nnunet"}
     assert all(r["status"] == "ok" and 0.0 <= float(r["dice"]) <= 1.0 for r in rows), rows
     assert "| scratch" in (out / "results.md").read_text()

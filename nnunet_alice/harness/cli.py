@@ -14,7 +14,8 @@ One command, on any nnU-Net raw dataset (``$nnUNet_raw``)::
    plans, labelled subset and validation cases (one nnU-Net fold per (labels, seed)), trainer seed and budget.
    ``scratch`` is nnU-Net's own schedule (SGD 1e-2, poly per epoch); pretrained arms use the recipe for
    pretrained weights (peak 1e-3, per-iteration warm-up, poly) unless the arm says otherwise (``alice_nnunet``,
-   ``mae_nnunet``: nnU-Net's schedule); ``scratch_recipe`` and ``init0`` are the controls (scratch with that recipe; the initial weights loaded like a checkpoint of zero pretraining steps);
+   ``mae_nnunet``: nnU-Net's schedule); ``scratch_recipe`` and ``init0`` are the controls (scratch with that
+   recipe; the initial weights loaded like a checkpoint of zero pretraining steps);
 5. predicts the held-out test cases (``imagesTs``/``labelsTs``; without them ``--holdout`` training cases are
    set aside) and evaluates them with nnU-Net's ``nnUNetv2_evaluate_folder``; with ``--probe``, also runs the
    linear probe of each pretrained checkpoint;

@@ -22,7 +22,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_alice.errors import AliceError
 from nnunet_alice.pretrain.model import unwrap
 from nnunet_alice.trainers.pretrained import find_pretrained_checkpoint, load_pretrained_into, load_training_checkpoint
-from nnunet_alice.trainers.recipe import PerIterationLR, load_scope, peak_lr, warmup_iterations, warmup_poly
+from nnunet_alice.trainers.recipe import (PerIterationLR, load_scope, peak_lr, short_run_note, warmup_iterations,
+                                          warmup_poly)
 
 #: ``recipe`` values: the recipe for pretrained weights, or nnU-Net's own (its per-epoch poly at ``initial_lr``)
 PRETRAINED, NNUNET = "pretrained", "nnunet"
@@ -134,6 +135,9 @@ class nnUNetTrainerAlice(nnUNetTrainer):
                                f"{self.weight_decay:g}), peak learning rate {self.initial_lr:g} ({self.lr_source}), "
                                f"{self.describe_schedule()} ({run}), learning rate set every iteration; load "
                                f"scope {self.load_scope} ({self.load_scope_source})")
+        note = short_run_note(self.total_iterations(), self.lr_source)
+        if note:
+            self.print_to_log_file(note)
 
     # ------------------------------------------------------------------ loading
     def on_train_start(self):
