@@ -218,8 +218,7 @@ for m in $METHODS; do   # the set-up of the alice folder, including the unlabele
 done
 PIDS=()
 for m in $METHODS; do
-    # shellcheck disable=SC2086
-    # shellcheck disable=SC2046
+    # shellcheck disable=SC2086,SC2046
     timeout --signal=TERM --kill-after=20 "$LEFT" alice_benchmark -d "$DID" --budget "$BUDGET" \
         --methods $(arm_methods "$m") \
         --labels $LABELS --seeds $SEEDS --pretrain-steps "$STEPS" --epochs "$EPOCHS" --iterations "$ITERS" \
