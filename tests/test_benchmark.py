@@ -373,6 +373,25 @@ def test_one_pretraining_per_arm_when_the_budget_says_so(fake_env):
     assert "once per arm, from the initial weights of seed 0" in Path(b.out, "results.md").read_text()
 
 
+def test_long_budget_run_matrix(fake_env):
+    """--budget long: scratch, alice_nnunet, mae_nnunet x labels 1 / all x seeds 0-2; one 3,000-step pretraining
+    per objective (from seed 0's draw); 3,000 fine-tuning iterations per cell under nnU-Net's schedule."""
+    runner = FakeRunner()
+    b = Benchmark("993", get_budget("long"), runner=runner, echo=lambda s: None)
+    rows = b.run()
+    assert len(rows) == 18 and all(r["status"] == "ok" for r in rows)
+    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ("scratch", "alice_nnunet", "mae_nnunet")
+                                                         for s in (0, 1, 2)}
+    assert len({r["labels"] for r in rows}) == 2
+    pre = [argv for argv, _ in runner.calls if argv[0] == "alice_pretrain"]
+    assert sorted("--objective" in argv and _arg(argv, "--objective") == "mae" for argv in pre) == [False, True]
+    assert {(_arg(argv, "--steps"), _arg(argv, "--seed")) for argv in pre} == {("3000", "0")}
+    trains = [env for argv, env in runner.calls if argv[0] == "nnUNetv2_train"]
+    assert len(trains) == 18
+    assert {(int(e["nnUNet_alice_bench_epochs"]) * int(e["nnUNet_alice_bench_iterations"]),
+             e["nnUNet_alice_bench_recipe"]) for e in trains} == {(3000, "nnunet")}
+
+
 def test_probe_column(fake_env, monkeypatch):
     import nnunet_alice.harness.cli as benchmark
 
