@@ -296,6 +296,22 @@ def test_missing_dataset_without_demo(tmp_path, monkeypatch):
         b.run()
 
 
+def test_a_failed_setup_step_is_one_line_naming_the_step_and_its_log(fake_env, monkeypatch, capsys):
+    """nnU-Net's tools not on PATH: no traceback, exit 2, one line with the step, its log and the cause."""
+    from nnunet_alice.harness.cli import main
+
+    monkeypatch.setenv("PATH", str(fake_env / "no_tools_here"))
+    out = fake_env / "bench"
+    with pytest.raises(SystemExit) as stop:
+        main(["-d", "993", "--budget", "tiny", "-o", str(out)])
+    assert stop.value.code == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert "fingerprint exited with 127" in err[0] and os.path.join(str(out), "logs", "fingerprint.log") in err[0]
+    assert "nnUNetv2_extract_fingerprint" in err[0]
+    assert not os.path.exists(os.path.join(str(out), "state", "preprocessed.done"))
+
+
 def test_read_summary_rejects_other_json(tmp_path):
     p = tmp_path / "s.json"
     p.write_text(json.dumps({"foreground_mean": {"Dice": 0.7}, "mean": {"1": {"Dice": 0.6}, "2": {"Dice": 0.8}}}))

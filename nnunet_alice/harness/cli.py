@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from nnunet_alice.errors import cli_main
+from nnunet_alice.errors import AliceError, cli_main
 from nnunet_alice.harness import report as bench_report
 from nnunet_alice.harness.config import (BENCH_TRAINERS, CONFIGURATION, METHODS, Budget, FoldRegistry,
                                          check_budget, get_budget, resolve_arms, resolve_label_counts)
@@ -318,7 +318,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows = bench_report.collect(bench.out)
         bench_report.write_all(bench.out, rows, budget, bench.dataset_name)
     else:
-        rows = bench.run()
+        try:
+            rows = bench.run()
+        except StepFailed as e:  # dataset, fingerprint, plan or preprocessing: nothing to run without them
+            raise AliceError(f"alice_benchmark: {e.one_line()}") from None
     print(bench_report.markdown_table(rows), flush=True)
     failed = sum(r.get("status") != "ok" for r in rows)
     if failed:

@@ -19,6 +19,12 @@ Runner = Callable[[List[str], Dict[str, str], str], Tuple[int, str]]
 class StepFailed(Exception):
     """A command exited with an error: its cells are reported as failed, the others go on."""
 
+    def one_line(self) -> str:
+        """``<step> exited with <rc> (log <file>): <the log's last line>``, for a step no cell can do without."""
+        head, _, tail = str(self).partition(": ")
+        last = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+        return f"{head}: {last[-1]}" if last else head
+
 
 class BenchSetup:
     """Dataset, environment, commands, planning and preprocessing of a benchmark folder."""
@@ -134,7 +140,7 @@ class BenchSetup:
         rc, tail = self.runner(argv, env, log)
         self.commands_run += 1
         if rc != 0:
-            raise StepFailed(f"{what} exited with {rc}: {tail[-1500:]}")
+            raise StepFailed(f"{what} exited with {rc} (log {log}): {tail[-1500:]}")
         return time.time() - t0
 
     # ------------------------------------------------------------------ plan + preprocess
