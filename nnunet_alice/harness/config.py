@@ -111,7 +111,7 @@ BUDGETS: Dict[str, Budget] = {
     "long": Budget("long", pretrain_steps=3000, epochs=120, iterations=25, val_iterations=2,
                    labels=["1", "all"], seeds=[0, 1, 2], methods=["scratch", "alice_nnunet", "mae_nnunet"],
                    patch_size=[32, 32, 32], features=[8, 64], step_size=1.0, pretrain_per_seed=False,
-                   note="2-core CPU, overnight (about 12 h from measured costs: 1.7 s per pretraining step, "
+                   note="2-core CPU, overnight (about 12-17 h from measured costs: 1.7 s per pretraining step, "
                         "38-48 min per 3,000-iteration cell): 3000 pretraining steps per arm (once, from seed "
                         "0's draw), 3,000 fine-tuning iterations per cell: all of the demo's classes are learned from "
                         "1 subject, but 8 subjects do not yet beat 1 (docs/results.md)"),
