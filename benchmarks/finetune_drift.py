@@ -94,13 +94,20 @@ def main(argv=None) -> int:
     p.add_argument("--scratch", required=True, help="nnU-Net checkpoint_final.pth of the scratch arm")
     p.add_argument("--finetuned", required=True, help="nnU-Net checkpoint_final.pth of the pretrained arm")
     a = p.parse_args(argv)
+
+    def weights(path: str, load) -> Weights:
+        ckpt = load(path)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("network_weights"), dict):
+            raise AliceError(f"{path}: no network_weights in this file")
+        return ckpt["network_weights"]
+
     try:
-        init = safe_torch_load(a.init)["network_weights"]
-        start = start_of_pretrained_arm(init, load_checkpoint(a.pretrained)["network_weights"], a.scope)
-        scratch = load_training_checkpoint(a.scratch, "cpu")["network_weights"]
-        finetuned = load_training_checkpoint(a.finetuned, "cpu")["network_weights"]
+        init = weights(a.init, safe_torch_load)
+        start = start_of_pretrained_arm(init, weights(a.pretrained, load_checkpoint), a.scope)
+        on_cpu = lambda path: load_training_checkpoint(path, "cpu")  # noqa: E731 (checkpoints trained on a GPU)
+        scratch, finetuned = weights(a.scratch, on_cpu), weights(a.finetuned, on_cpu)
         rows = drift_table(init, start, scratch, finetuned)
-    except (AliceError, KeyError, ValueError) as e:
+    except (AliceError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(rows))
