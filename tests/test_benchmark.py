@@ -111,6 +111,11 @@ def bench(runner, methods=("scratch", "alice", "mae"), labels=("1", "2", "all"),
     return Benchmark("993", budget, methods=list(methods), runner=runner, echo=lambda s: None, **kw)
 
 
+def cell_method(env):
+    """The arm of a fine-tuning command, from its results folder runs/<arm>/n<labels>_s<seed>."""
+    return Path(env["nnUNet_results"]).parent.name
+
+
 def read_csv(path):
     with open(path) as f:
         return list(csv.DictReader(f))
@@ -153,7 +158,8 @@ def test_run_matrix_complete_and_one_csv_row_per_cell(fake_env):
         seed = int(env["nnUNet_alice_bench_seed"])
         by_fold.setdefault(argv[3], set()).add((seed, env["nnUNet_alice_bench_epochs"], argv[argv.index("-p") + 1],
                                                 env["nnUNet_alice_bench_init"]))
-        method = os.path.basename(env["nnUNet_results"])
+        method, cell = Path(env["nnUNet_results"]).parts[-2:]  # runs/<method>/n<labels>_s<seed>: one per cell
+        assert cell.endswith(f"_s{seed}")
         assert env["nnUNet_alice_bench_init"] == b.init_file(seed)
         expected = "none" if method == "scratch" else b.checkpoint(method, seed)
         assert env["nnUNet_alice_pretrained"] == expected
@@ -205,7 +211,7 @@ def test_resume_skips_finished_cells(fake_env):
 
 def test_failing_cell_is_reported_without_losing_the_others(fake_env):
     def fail(argv, env):
-        return argv[0] == "nnUNetv2_train" and env["nnUNet_results"].endswith("alice") \
+        return argv[0] == "nnUNetv2_train" and cell_method(env) == "alice" \
             and env["nnUNet_alice_bench_seed"] == "1" \
             and argv[3] == "1"
 
@@ -235,7 +241,7 @@ def test_failed_pretraining_fails_only_that_arm(fake_env):
         assert r["status"] == ("failed" if r["method"] == "mae" else "ok")
         if r["method"] == "mae":
             assert r["error"].startswith("pretraining failed")
-    assert not any(argv[0] == "nnUNetv2_train" and env["nnUNet_results"].endswith("mae") for argv, env in runner.calls)
+    assert not any(argv[0] == "nnUNetv2_train" and cell_method(env) == "mae" for argv, env in runner.calls)
 
 
 def test_holdout_when_there_are_no_test_labels(tmp_path, monkeypatch):
@@ -338,7 +344,7 @@ def test_controls_share_initial_weights_and_pretraining(fake_env):
     assert len(rows) == 15 and all(r["status"] == "ok" for r in rows)
     pre = [argv for argv, _ in runner.calls if argv[0] == "alice_pretrain"]
     assert sorted(_arg(argv, "--seed") for argv in pre) == ["0", "1", "2"]  # alice only; alice_all shares it
-    trains = {(os.path.basename(env["nnUNet_results"]), int(env["nnUNet_alice_bench_seed"])): env
+    trains = {(cell_method(env), int(env["nnUNet_alice_bench_seed"])): env
               for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
     for seed in (0, 1, 2):
         env = {m: trains[(m, seed)] for m in ("scratch", "scratch_recipe", "init0", "alice", "alice_all")}
@@ -360,7 +366,7 @@ def test_pretrained_arm_under_nnunets_schedule_shares_the_checkpoint(fake_env):
     rows = b.run()
     assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
     assert sorted(_arg(argv, "--seed") for argv, _ in runner.calls if argv[0] == "alice_pretrain") == ["0", "1"]
-    trains = {(os.path.basename(env["nnUNet_results"]), int(env["nnUNet_alice_bench_seed"])): env
+    trains = {(cell_method(env), int(env["nnUNet_alice_bench_seed"])): env
               for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
     for seed in (0, 1):
         ours, theirs = trains[("alice_nnunet", seed)], trains[("alice", seed)]

@@ -22,6 +22,7 @@ One command, on any nnU-Net raw dataset (``$nnUNet_raw``)::
 6. writes ``results.csv`` (one row per cell), ``results.md`` (mean ± sd, paired differences to scratch with 95 %
    confidence intervals, the budget check) and ``results_dice.png``.
 
+``--jobs N`` runs N pretrainings, and then N cells, at once (each cell trains into its own nnU-Net results folder).
 Every command is printed (with the environment it needs) before it runs, so any cell can be rerun by hand.
 Rerunning the command resumes: finished cells, initial weights and pretraining are reused. A failing step marks
 its cells ``failed`` (with the error tail in the CSV) and the others go on.
@@ -33,7 +34,9 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunet_alice.errors import AliceError, cli_main
@@ -41,7 +44,7 @@ from nnunet_alice.harness import report as bench_report
 from nnunet_alice.harness.config import (BENCH_TRAINERS, CONFIGURATION, METHODS, Budget, FoldRegistry,
                                          check_budget, get_budget, resolve_arms, resolve_label_counts)
 from nnunet_alice.harness.report import _read_json, _write_json, read_summary
-from nnunet_alice.harness.runner import subprocess_runner
+from nnunet_alice.harness.runner import allow_new, stop_all, subprocess_runner
 from nnunet_alice.harness.workspace import BenchSetup, Runner, StepFailed
 from nnunet_alice.harness.steps import probe_available
 
@@ -54,11 +57,30 @@ __all__ = ["Benchmark", "StepFailed", "read_summary", "main"]
 class Benchmark(BenchSetup):
     def __init__(self, dataset: str, budget: Budget, output: Optional[str] = None,
                  methods: Optional[Sequence[str]] = None, demo: bool = False, holdout: int = 0,
-                 runner: Runner = subprocess_runner, echo=print, probe: bool = False):
+                 runner: Runner = subprocess_runner, echo=print, probe: bool = False, jobs: int = 1):
         super().__init__(dataset, budget, output, demo, holdout, runner, echo)
         self.arms = resolve_arms(list(methods or budget.methods))
         self.methods = list(self.arms)
         self.probe = bool(probe)
+        if int(jobs) < 1:
+            raise AliceError(f"--jobs {jobs}: need at least 1")
+        self.jobs, self._lock = int(jobs), threading.Lock()
+
+    def _map(self, fn, items: list) -> list:
+        """``[fn(x) for x in items]``, ``jobs`` at a time; an interrupt stops every running command."""
+        if self.jobs == 1 or len(items) < 2:
+            return [fn(x) for x in items]
+        allow_new()
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            futures = [pool.submit(fn, x) for x in items]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+                return [f.result() for f in futures]
+            except BaseException:  # an interrupt (main thread) or an unexpected error in a task
+                for f in futures:
+                    f.cancel()
+                stop_all()
+                raise
 
     def arm(self, name: str):
         return self.arms.get(name) or METHODS[name]
@@ -121,7 +143,7 @@ class Benchmark(BenchSetup):
         """Train, predict and evaluate one cell; ``start``: what nnUNet_alice_pretrained points to."""
         cdir, b, arm = self.cell_dir(method, n, seed), self.budget, self.arm(method)
         trainer = BENCH_TRAINERS[arm.schedule]
-        results = os.path.join(self.out, "runs", method)
+        results = os.path.join(self.out, "runs", method, f"n{n}_s{seed}")  # own folder: cells may run at once
         env = self.env(nnUNet_results=results, nnUNet_alice_pretrained=start, nnUNet_alice_load=arm.load_scope,
                        nnUNet_alice_bench_recipe=arm.recipe,
                        nnUNet_alice_bench_init=self.init_file(self.init_seed(seed)),
@@ -185,13 +207,18 @@ class Benchmark(BenchSetup):
                   f"output {self.out}")
         # seed by seed: initial weights, pretraining from them, then the cells of that seed (fewest labels first),
         # so that every finished seed is a complete paired comparison
-        rows = []
+        rows, finished = [], []
         for seed in self.budget.seeds:
             starts = self._starts(seed, [n for n, s in pairs if s == seed])
-            for n in counts:
-                for method in self.methods:
-                    rows.append(self._cell(method, n, seed, folds[(n, seed)], *starts[method]))
-                    bench_report.write_all(self.out, rows, self.budget, self.dataset_name, plot=False)
+
+            def cell(task, seed=seed, starts=starts):
+                method, n = task
+                row = self._cell(method, n, seed, folds[(n, seed)], *starts[method])
+                with self._lock:
+                    finished.append(row)
+                    bench_report.write_all(self.out, finished, self.budget, self.dataset_name, plot=False)
+                return row
+            rows += self._map(cell, [(method, n) for n in counts for method in self.methods])
         # the tables cover every cell of this folder, also those of earlier runs with other labels/seeds/methods
         all_rows = bench_report.collect(self.out)
         bench_report.write_all(self.out, all_rows, self.budget, self.dataset_name)
@@ -215,26 +242,26 @@ class Benchmark(BenchSetup):
                 self.ensure_init(init_seed)
             except StepFailed as e:
                 init_err = f"initial weights failed: {e}"
-        done: Dict[str, Tuple[str, float, Optional[str]]] = {}
+
+        def pretrain(key: str) -> Tuple[str, float, Optional[str]]:
+            ckpt, seconds, err = self.checkpoint(key, init_seed), 0.0, init_err
+            try:
+                if todo & {m for m in self.methods if self.pretrain_key(m) == key} and not err:
+                    ckpt, seconds = self.ensure_pretrained(key, init_seed)
+                else:
+                    seconds = _read_json(os.path.join(self.pretrain_root(key, init_seed), "time.json")).get(
+                        "seconds", 0.0)
+            except StepFailed as e:
+                err = f"pretraining failed: {e}"
+            return ckpt, seconds, err
+        keys = list(dict.fromkeys(self.pretrain_key(m) for m in self.methods
+                                  if self.arm(m).start not in ("none", "init")))
+        done = dict(zip(keys, self._map(pretrain, keys)))
         for method in self.methods:
-            arm, key = self.arm(method), self.pretrain_key(method)
-            if arm.start == "none":
-                out[method] = ("none", 0.0, init_err)
-            elif arm.start == "init":
-                out[method] = (self.init_file(init_seed), 0.0, init_err)
-            elif key in done:
-                out[method] = done[key]
-            else:
-                ckpt, seconds, err = self.checkpoint(key, init_seed), 0.0, init_err
-                try:
-                    if todo & {m for m in self.methods if self.pretrain_key(m) == key} and not err:
-                        ckpt, seconds = self.ensure_pretrained(key, init_seed)
-                    else:
-                        seconds = _read_json(os.path.join(self.pretrain_root(key, init_seed), "time.json")).get(
-                            "seconds", 0.0)
-                except StepFailed as e:
-                    err = f"pretraining failed: {e}"
-                out[method] = done[key] = (ckpt, seconds, err)
+            start = self.arm(method).start
+            out[method] = (("none", 0.0, init_err) if start == "none" else
+                           (self.init_file(init_seed), 0.0, init_err) if start == "init" else
+                           done[self.pretrain_key(method)])
         return out
 
     def _cell(self, method, n, seed, fold, start, pre_s, pre_err) -> dict:
@@ -295,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-iterations", type=int)
     p.add_argument("--patch-size", type=int, nargs=3)
     p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--jobs", type=int, default=1, help="pretrainings, then cells, run at once (default 1)")
     p.add_argument("--holdout", type=int, default=0, help="evaluate on this many training cases set aside "
                                                           "(default: imagesTs/labelsTs, else 20 %% of imagesTr)")
     p.add_argument("--probe", action="store_true", help="add the linear-probe Dice of each pretrained arm's "
@@ -313,7 +341,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         iterations=a.iterations, val_iterations=a.val_iterations, patch_size=a.patch_size,
                         device=a.device)
     bench = Benchmark(a.dataset, budget, a.output, a.methods, a.demo, a.holdout,
-                      echo=lambda s: print(s, flush=True), probe=a.probe)
+                      echo=lambda s: print(s, flush=True), probe=a.probe, jobs=a.jobs)
     if a.report:
         rows = bench_report.collect(bench.out)
         bench_report.write_all(bench.out, rows, budget, bench.dataset_name)

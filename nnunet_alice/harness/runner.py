@@ -1,32 +1,67 @@
 """How ``alice_benchmark`` runs a command: a subprocess with its output in a log file.
 
 A runner is any callable ``(argv, env, log_path) -> (exit code, output tail)``; tests pass a fake one.
+Commands may run from several threads at once (``alice_benchmark --jobs``): ``stop_all`` takes every running
+command down and refuses new ones until ``allow_new``, so that an interrupted benchmark leaves no process behind.
 """
 from __future__ import annotations
 
 import os
 import subprocess
-from typing import Dict, List, Tuple
+import threading
+from typing import Dict, List, Set, Tuple
+
+_LOCK = threading.Lock()
+_LIVE: Set[subprocess.Popen] = set()
+_STOPPING = [False]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def stop_all() -> None:
+    """Terminate every command started by ``subprocess_runner`` that still runs; start no new one."""
+    with _LOCK:
+        _STOPPING[0] = True
+        procs = list(_LIVE)
+    for proc in procs:
+        _stop(proc)
+
+
+def allow_new() -> None:
+    with _LOCK:
+        _STOPPING[0] = False
 
 
 def subprocess_runner(argv: List[str], env: Dict[str, str], log_path: str) -> Tuple[int, str]:
     """Run ``argv`` with ``env``, output to ``log_path``; returns (exit code, last lines of the output)."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "w") as log:
+        proc, rc = None, 127
+        with _LOCK:
+            if _STOPPING[0]:
+                log.write(f"{argv[0]}: not started, the benchmark is stopping\n")
+                rc = 143
+            else:
+                try:
+                    proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+                    _LIVE.add(proc)
+                except OSError as e:
+                    log.write(f"{argv[0]}: {e}\n")
         try:
-            proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        except OSError as e:
-            log.write(f"{argv[0]}: {e}\n")
-            proc = None
-        try:
-            rc = proc.wait() if proc else 127
+            rc = proc.wait() if proc else rc
         except BaseException:  # interrupted or terminated (SIGTERM -> SystemExit): take the command down too
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            if proc:
+                _stop(proc)
             raise
+        finally:
+            with _LOCK:
+                _LIVE.discard(proc)
     return rc, tail_of(log_path)
 
 
