@@ -254,8 +254,7 @@ class Benchmark(BenchSetup):
             except StepFailed as e:
                 err = f"pretraining failed: {e}"
             return ckpt, seconds, err
-        keys = list(dict.fromkeys(self.pretrain_key(m) for m in self.methods
-                                  if self.arm(m).start not in ("none", "init")))
+        keys = list(dict.fromkeys(k for k in map(self.pretrain_key, self.methods) if k))
         done = dict(zip(keys, self._map(pretrain, keys)))
         for method in self.methods:
             start = self.arm(method).start
