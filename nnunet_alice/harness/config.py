@@ -111,10 +111,10 @@ BUDGETS: Dict[str, Budget] = {
     "long": Budget("long", pretrain_steps=3000, epochs=120, iterations=25, val_iterations=2,
                    labels=["1", "all"], seeds=[0, 1, 2], methods=["scratch", "alice_nnunet", "mae_nnunet"],
                    patch_size=[32, 32, 32], features=[8, 64], step_size=1.0, pretrain_per_seed=False,
-                   note="2-core CPU, overnight (about 12-17 h from measured costs: 1.7 s per pretraining step, "
-                        "38-48 min per 3,000-iteration cell): 3000 pretraining steps per arm (once, from seed "
-                        "0's draw), 3,000 fine-tuning iterations per cell: all of the demo's classes are learned from "
-                        "1 subject, but 8 subjects do not yet beat 1 (docs/results.md)"),
+                   note="2-core CPU with nothing else running, about 3 h (measured: 3,000 pretraining steps take 20 "
+                        "min for Alice and 8 min for MAE, a 3,000-iteration cell 8 min; cores shared with other "
+                        "jobs made cells 5-6x slower, docs/benchmark.md): 3000 pretraining steps per arm (once, from "
+                        "seed 0's draw), 3,000 fine-tuning iterations per cell (docs/results.md)"),
     "gpu15": Budget("gpu15", pretrain_steps=1000, epochs=8, iterations=40, val_iterations=2,
                     labels=["1", "all"], seeds=[0, 1, 2], methods=["scratch", "alice"], device="cuda",
                     gpu_memory_target=None, patch_size=[64, 64, 64], step_size=1.0, pretrain_per_seed=False,
