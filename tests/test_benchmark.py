@@ -488,6 +488,8 @@ def test_budget_check_warns_when_labels_do_not_matter():
     assert len(flat) == 1 and "measures convergence speed" in flat[0] and "73.8" in flat[0] and "74.2" in flat[0]
     assert "measures convergence speed" in bench_report.markdown_table(rows_for(0.738, 0.742))
     assert bench_report.warnings(rows_for(0.70, 0.75)) == []
+    (reversed_,) = bench_report.warnings(rows_for(0.536, 0.441))  # fewer labels score higher: no "within 2 Dice"
+    assert "within" not in reversed_ and "fewer labels score higher" in reversed_ and "53.6" in reversed_
     assert bench_report.warnings(rows_for(0.70, 0.75)[:3]) == []  # one label count: nothing to compare
 
 

@@ -161,7 +161,7 @@ def paired_differences(rows: List[dict], baseline: str = BASELINE) -> Dict[str, 
 
 
 def warnings(rows: List[dict], baseline: str = BASELINE, margin: float = CONVERGENCE_MARGIN) -> List[str]:
-    """The budget check: scratch with the fewest labels within ``margin`` of scratch with the most labels."""
+    """The budget check: scratch with the fewest labels within ``margin`` of (or above) scratch with the most labels."""
     per = aggregate([r for r in rows if r["method"] == baseline]).get(baseline, {})
     counts = [n for n in sorted(per) if per[n]["n"]]
     if len(counts) < 2:
@@ -169,7 +169,9 @@ def warnings(rows: List[dict], baseline: str = BASELINE, margin: float = CONVERG
     low, high = per[counts[0]]["mean"], per[counts[-1]]["mean"]
     if high - low >= margin:
         return []
-    return [f"{baseline} with {counts[0]} labelled case(s) ({100 * low:.1f}) is within {100 * margin:.0f} Dice of "
+    relation = (f"is within {100 * margin:.0f} Dice of" if low <= high else
+                f"is not below (fewer labels score higher than)")
+    return [f"{baseline} with {counts[0]} labelled case(s) ({100 * low:.1f}) {relation} "
             f"{baseline} with {counts[-1]} ({100 * high:.1f}): this budget measures convergence speed, not label "
             f"efficiency; train longer (--epochs/--iterations)"]
 
