@@ -170,7 +170,7 @@ def warnings(rows: List[dict], baseline: str = BASELINE, margin: float = CONVERG
     if high - low >= margin:
         return []
     relation = (f"is within {100 * margin:.0f} Dice of" if low <= high else
-                f"is not below (fewer labels score higher than)")
+                "is not below (fewer labels score higher than)")
     return [f"{baseline} with {counts[0]} labelled case(s) ({100 * low:.1f}) {relation} "
             f"{baseline} with {counts[-1]} ({100 * high:.1f}): this budget measures convergence speed, not label "
             f"efficiency; train longer (--epochs/--iterations)"]
