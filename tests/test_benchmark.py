@@ -395,6 +395,24 @@ def test_one_pretraining_per_arm_when_the_budget_says_so(fake_env):
     assert "once per arm, from the initial weights of seed 0" in Path(b.out, "results.md").read_text()
 
 
+def test_pretrain_per_seed_flag_overrides_the_budget(fake_env):
+    """``--pretrain-per-seed`` turns the long budget's one shared pretraining into one per seed, each from the
+    seed's own initial weights; scratch cells then start from their seed's weights too."""
+    from nnunet_alice.harness.cli import build_parser
+
+    args = build_parser().parse_args(["--budget", "long", "--pretrain-per-seed", "--seeds", "1", "2"])
+    assert args.pretrain_per_seed is True and build_parser().parse_args([]).pretrain_per_seed is None
+    assert build_parser().parse_args(["--no-pretrain-per-seed"]).pretrain_per_seed is False
+    runner = FakeRunner()
+    budget = get_budget("long", labels=["1"], seeds=args.seeds, pretrain_per_seed=args.pretrain_per_seed)
+    b = Benchmark("993", budget, methods=["scratch", "alice_nnunet"], runner=runner, echo=lambda s: None)
+    b.run()
+    assert sorted(_arg(argv, "--seed") for argv, _ in runner.calls if argv[0] == "alice_pretrain") == ["1", "2"]
+    inits = sorted(env["nnUNet_alice_bench_init"] for argv, env in runner.calls if argv[0] == "nnUNetv2_train")
+    assert inits == sorted([b.init_file(1)] * 2 + [b.init_file(2)] * 2)
+    assert get_budget("long", pretrain_per_seed=None).pretrain_per_seed is False
+
+
 def test_long_budget_run_matrix(fake_env):
     """--budget long: scratch, alice_nnunet, mae_nnunet x labels 1 / all x seeds 0-2; one 3,000-step pretraining
     per objective (from seed 0's draw); 3,000 fine-tuning iterations per cell under nnU-Net's schedule."""

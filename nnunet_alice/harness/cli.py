@@ -321,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-iterations", type=int)
     p.add_argument("--patch-size", type=int, nargs=3)
     p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--pretrain-per-seed", action=argparse.BooleanOptionalAction, default=None,
+                   help="one pretraining per seed, from that seed's initial weights (includes the pretraining's "
+                        "own variance in the intervals); --no-pretrain-per-seed: one per arm, from seed 0's "
+                        "weights; default: the budget's")
     p.add_argument("--jobs", type=int, default=1, help="pretrainings, then cells, run at once (default 1)")
     p.add_argument("--holdout", type=int, default=0, help="evaluate on this many training cases set aside "
                                                           "(default: imagesTs/labelsTs, else 20 %% of imagesTr)")
@@ -338,7 +342,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the running command is stopped as well
     budget = get_budget(a.budget, labels=a.labels, seeds=a.seeds, pretrain_steps=a.pretrain_steps, epochs=a.epochs,
                         iterations=a.iterations, val_iterations=a.val_iterations, patch_size=a.patch_size,
-                        device=a.device)
+                        device=a.device, pretrain_per_seed=a.pretrain_per_seed)
     bench = Benchmark(a.dataset, budget, a.output, a.methods, a.demo, a.holdout,
                       echo=lambda s: print(s, flush=True), probe=a.probe, jobs=a.jobs)
     if a.report:
