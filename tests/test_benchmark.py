@@ -440,13 +440,26 @@ def test_probe_column(fake_env, monkeypatch):
     b = bench(runner, methods=("scratch", "init0", "alice", "alice_all"), labels=("1",), seeds=(0,), probe=True)
     rows = b.run()
     probes = [argv for argv, _ in runner.calls if tool_of(argv) == "probe"]
-    # one probe per starting checkpoint: alice and alice_all share one, init0 probes the initial weights
+    # one probe per starting checkpoint: alice and alice_all share one; scratch and init0 share the initial
+    # weights (scratch loads them as its initialisation)
     assert sorted(_arg(argv, "--checkpoint") for argv in probes) == sorted([b.checkpoint("alice", 0), b.init_file(0)])
+    assert {_arg(argv, "--features") for argv in probes} == {"encoder"}
     got = {r["method"]: r.get("probe_dice") for r in rows}
-    assert got["scratch"] is None and got["alice"] == got["alice_all"] == got["init0"] == 0.3
-    assert "Linear probe" in Path(b.out, "results.md").read_text()
-    table = {r["method"]: r["probe_dice"] for r in read_csv(os.path.join(b.out, "results.csv"))}
-    assert table["scratch"] == "" and table["alice"] == "0.3000"
+    assert got["scratch"] == got["alice"] == got["alice_all"] == got["init0"] == 0.3
+    text = Path(b.out, "results.md").read_text()
+    assert "Linear probe" in text and "encoder features" in text
+    table = {r["method"]: r for r in read_csv(os.path.join(b.out, "results.csv"))}
+    assert table["scratch"]["probe_dice"] == "0.3000" and table["alice"]["probe_features"] == "encoder"
+    # a finished cell probed with the old (decoder) features is probed again on resume, the cell is not retrained
+    metrics = Path(b.cell_dir("alice", 1, 0), "metrics.json")
+    old = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps({**old, "probe_features": "decoder"}))
+    for f in Path(b.out, "probe").rglob("*.json"):
+        f.unlink()
+    runner.calls.clear()
+    b.run()
+    assert [tool_of(argv) for argv, _ in runner.calls].count("probe") == 1  # alice's checkpoint, re-probed once
+    assert not [argv for argv, _ in runner.calls if argv[0] == "nnUNetv2_train"]
 
 
 def test_probe_step_calls_the_probe_interface(tmp_path, monkeypatch):
@@ -464,7 +477,7 @@ def test_probe_step_calls_the_probe_interface(tmp_path, monkeypatch):
     out = tmp_path / "p" / "probe.json"
     assert bench_steps.main(["probe", "-d", "993", "-p", "P", "-c", "3d_fullres", "--checkpoint", "ck.pth",
                              "--labels", "2", "--seed", "1", "-o", str(out)]) == 0
-    assert calls[0][0] == ("993", "3d_fullres", "P", "ck.pth", 2, 1)
+    assert calls[0][0] == ("993", "3d_fullres", "P", "ck.pth", 2, 1) and calls[0][1]["features"] == "decoder"
     assert json.loads(out.read_text()) == {"mean_dice": 0.42, "dice": {"1": 0.4}}  # plain values only
 
 

@@ -14,9 +14,9 @@ from typing import Dict, List
 
 import numpy as np
 
-CSV_COLUMNS = ["method", "labels", "seed", "fold", "status", "dice", "per_class_dice", "probe_dice", "recipe",
-               "load_scope", "schedule", "init_seed", "wall_s", "train_s", "predict_s", "eval_s", "pretrain_s",
-               "num_test", "error"]
+CSV_COLUMNS = ["method", "labels", "seed", "fold", "status", "dice", "per_class_dice", "probe_dice", "probe_features",
+               "recipe", "load_scope", "schedule", "init_seed", "wall_s", "train_s", "predict_s", "eval_s",
+               "pretrain_s", "num_test", "error"]
 BASELINE = "scratch"
 CONVERGENCE_MARGIN = 0.02  # 2 Dice points
 
@@ -112,7 +112,9 @@ def markdown_table(rows: List[dict]) -> str:
         for r in rows:
             if _finite(r.get("probe_dice")):
                 probes[(r["method"], int(r["labels"]))].append(100 * float(r["probe_dice"]))
-        lines += ["", "Linear probe of the starting checkpoint (frozen network, linear head), mean Dice × 100:", "",
+        kinds = sorted({r.get("probe_features") or "decoder" for r in rows if _finite(r.get("probe_dice"))})
+        lines += ["", f"Linear probe of each cell's starting weights ({' and '.join(kinds)} features, frozen network, "
+                      "linear head; scratch: the initial weights), mean Dice × 100:", "",
                   "| method | " + " | ".join(f"{n} labelled" for n in counts) + " |", "|---|" + "---|" * len(counts)]
         for method in dict.fromkeys(m for m, _ in probes):
             lines.append(f"| {method} | " + " | ".join(

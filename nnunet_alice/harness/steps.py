@@ -3,7 +3,7 @@ log and resume them): ``init`` writes a seed's initial weights, ``probe`` runs t
 
     python -m nnunet_alice.harness.steps init  -d ID -p PLANS -c CONFIG --seed S -o FILE
     python -m nnunet_alice.harness.steps probe -d ID -p PLANS -c CONFIG --checkpoint FILE --labels N --seed S \
-        -o FILE
+        [--features decoder|encoder] -o FILE
 
 Both read ``$nnUNet_preprocessed`` (the benchmark's own). ``probe`` needs ``nnunet_alice.probe.cli``.
 """
@@ -55,12 +55,13 @@ def write_init(dataset: str, plans: str, configuration: str, seed: int, output: 
 
 
 def run_probe(dataset: str, plans: str, configuration: str, checkpoint: str, labels: int, seed: int,
-              output: str) -> dict:
+              output: str, features: str = "decoder") -> dict:
     if not probe_available():
         raise AliceError(f"{PROBE_MODULE} is not installed")
     from nnunet_alice.probe.cli import probe_checkpoint
 
-    result = probe_checkpoint(dataset, configuration, plans, checkpoint, labels, seed, write=False, log=print)
+    result = probe_checkpoint(dataset, configuration, plans, checkpoint, labels, seed, features=features, write=False,
+                              log=print)
     keep = {k: v for k, v in result.items() if isinstance(v, (int, float, str, list, dict, type(None)))}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output + ".tmp", "w") as f:
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "probe":
             s.add_argument("--checkpoint", required=True)
             s.add_argument("--labels", type=int, required=True)
+            s.add_argument("--features", choices=("decoder", "encoder"), default="decoder")
     return p
 
 
@@ -93,7 +95,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if a.step == "init":
         write_init(a.dataset, a.plans, a.configuration, a.seed, a.output)
     else:
-        run_probe(a.dataset, a.plans, a.configuration, a.checkpoint, a.labels, a.seed, a.output)
+        run_probe(a.dataset, a.plans, a.configuration, a.checkpoint, a.labels, a.seed, a.output, a.features)
     return 0
 
 
