@@ -1,8 +1,7 @@
-"""alice_benchmark: run matrix, init-matched arms, CSV rows, resume, failure reporting, confidence intervals and
-the budget check (fake command runner) + one real tiny cell."""
+"""alice_benchmark: run matrix, CSV rows, resume, failure reporting, bad input and the protocol check (fake
+command runner, tests/bench_fakes.py) + one real tiny cell."""
 from __future__ import annotations
 
-import csv
 import json
 import os
 import sys
@@ -11,114 +10,11 @@ from pathlib import Path
 import pytest
 
 from nnunet_alice.errors import AliceError
-from nnunet_alice.harness import report as bench_report
-from nnunet_alice.harness.config import (BUDGETS, METHODS, Arm, get_budget, labelled_subset,
+from nnunet_alice.harness.config import (BUDGETS, Arm, get_budget, labelled_subset,
                                          parse_method, resolve_label_counts)
-from nnunet_alice.harness.cli import Benchmark, read_summary
-
-DS = "Dataset993_BenchFake"
-ENDING = ".nii.gz"
-
-
-def make_fake_raw(root: Path, n_train=5, n_test=2, with_test=True) -> Path:
-    """A raw dataset of empty files: the fake runner never reads images."""
-    ds = root / DS
-    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
-        (ds / sub).mkdir(parents=True)
-    for i in range(n_train):
-        (ds / "imagesTr" / f"c{i:02d}_0000{ENDING}").write_text("")
-        (ds / "labelsTr" / f"c{i:02d}{ENDING}").write_text("")
-    for i in range(n_test if with_test else 0):
-        (ds / "imagesTs" / f"t{i:02d}_0000{ENDING}").write_text("")
-        (ds / "labelsTs" / f"t{i:02d}{ENDING}").write_text("")
-    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "MRI"}, "file_ending": ENDING,
-                                                 "labels": {"background": 0, "a": 1, "b": 2},
-                                                 "numTraining": n_train}))
-    return ds
-
-
-def _arg(argv, flag):
-    return argv[argv.index(flag) + 1]
-
-
-def tool_of(argv):
-    """The console script, or the step of ``python -m nnunet_alice.harness.steps STEP``."""
-    return argv[3] if argv[1:3] == ["-m", "nnunet_alice.harness.steps"] else argv[0]
-
-
-class FakeRunner:
-    """Stands in for the subprocesses: writes the files each tool would write; ``fail(argv, env)`` -> exit 1."""
-
-    def __init__(self, fail=None):
-        self.calls = []
-        self.fail = fail or (lambda argv, env: False)
-
-    def tools(self):
-        return [tool_of(argv) for argv, _ in self.calls]
-
-    def __call__(self, argv, env, log):
-        self.calls.append((list(argv), dict(env)))
-        os.makedirs(os.path.dirname(log), exist_ok=True)
-        if self.fail(argv, env):
-            Path(log).write_text("Traceback (most recent call last):\nRuntimeError: simulated crash\n")
-            return 1, "Traceback (most recent call last):\nRuntimeError: simulated crash"
-        tool, pre = tool_of(argv), Path(env["nnUNet_preprocessed"]) / DS
-        if tool in ("init", "probe"):
-            out = Path(_arg(argv, "-o"))
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"mean_dice": 0.3, "seed": int(_arg(argv, "--seed"))}) if tool == "probe"
-                           else f"init {_arg(argv, '--seed')}")
-        elif tool == "nnUNetv2_plan_experiment":
-            pre.mkdir(parents=True, exist_ok=True)
-            arch = {"n_stages": 4, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 3, "features_per_stage": [32, 64, 128, 256]}
-            plans = {"plans_name": _arg(argv, "-overwrite_plans_name"), "configurations": {"3d_fullres": {
-                "patch_size": [64, 64, 64], "batch_size": 2, "data_identifier": "x",
-                "architecture": {"arch_kwargs": arch}}}}
-            (pre / f"{_arg(argv, '-overwrite_plans_name')}.json").write_text(json.dumps(plans))
-        elif tool == "alice_pretrain":
-            assert Path(_arg(argv, "--init-weights")).is_file()
-            folder = Path(env["nnUNet_results"]) / DS / f"AlicePretrain__{_arg(argv, '-p')}__3d_fullres"
-            folder.mkdir(parents=True)
-            (folder / "checkpoint_final.pth").write_text(" ".join(argv))
-        elif tool == "nnUNetv2_train":
-            splits = json.loads((pre / "splits_final.json").read_text())
-            assert int(argv[3]) < len(splits)
-            folder = Path(env["nnUNet_results"]) / DS / f"{_arg(argv, '-tr')}__{_arg(argv, '-p')}__3d_fullres"
-            (folder / f"fold_{argv[3]}").mkdir(parents=True)
-            (folder / f"fold_{argv[3]}" / "checkpoint_final.pth").write_text("")
-        elif tool == "nnUNetv2_predict":
-            os.makedirs(_arg(argv, "-o"))
-        elif tool == "nnUNetv2_evaluate_folder":
-            dice = 0.5 if env["nnUNet_alice_pretrained"] == "none" else 0.6
-            per_class = {"1": {"Dice": dice - 0.1}, "2": {"Dice": dice + 0.1}}
-            Path(_arg(argv, "-o")).write_text(json.dumps({"foreground_mean": {"Dice": dice}, "mean": per_class}))
-        return 0, "ok"
-
-
-@pytest.fixture
-def fake_env(tmp_path, monkeypatch):
-    raw = tmp_path / "raw"
-    make_fake_raw(raw)
-    monkeypatch.setenv("nnUNet_raw", str(raw))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    for var in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc", "OMP_WAIT_POLICY"):  # CI exports some of these
-        monkeypatch.delenv(var, raising=False)
-    return tmp_path
-
-
-def bench(runner, methods=("scratch", "alice", "mae"), labels=("1", "2", "all"), seeds=(0, 1), **kw):
-    budget = get_budget("tiny", labels=list(labels), seeds=list(seeds))
-    return Benchmark("993", budget, methods=list(methods), runner=runner, echo=lambda s: None, **kw)
-
-
-def cell_method(env):
-    """The arm of a fine-tuning command, from its results folder runs/<arm>/n<labels>_s<seed>."""
-    return Path(env["nnUNet_results"]).parent.name
-
-
-def read_csv(path):
-    with open(path) as f:
-        return list(csv.DictReader(f))
+from nnunet_alice.harness.cli import Benchmark
+from bench_fakes import fake_env  # noqa: F401 (a fixture)
+from bench_fakes import DS, FakeRunner, arg, bench, cell_method, make_fake_raw, read_csv, tool_of
 
 
 def test_run_matrix_complete_and_one_csv_row_per_cell(fake_env):
@@ -144,10 +40,10 @@ def test_run_matrix_complete_and_one_csv_row_per_cell(fake_env):
     assert len(mae) == 2 and all(["--objective", "mae"] == [a for a in argv if a in ("--objective", "mae")]
                                  for argv in mae)
     assert len({env["nnUNet_results"] for _, env in pre}) == 4
-    assert {(_arg(argv, "--seed"), _arg(argv, "--init-weights")) for argv, _ in pre} == {
+    assert {(arg(argv, "--seed"), arg(argv, "--init-weights")) for argv, _ in pre} == {
         (str(s), b.init_file(s)) for s in (0, 1)}
     inits = [argv for argv, _ in runner.calls if tool_of(argv) == "init"]
-    assert sorted(_arg(argv, "--seed") for argv in inits) == ["0", "1"]
+    assert sorted(arg(argv, "--seed") for argv in inits) == ["0", "1"]
     # paired design: every method trains (labels, seed) on the same fold with the same seed, budget and initial
     # weights; scratch with nnU-Net's recipe, the pretrained arms with the pretrained recipe and their own seed's
     # checkpoint
@@ -257,7 +153,7 @@ def test_holdout_when_there_are_no_test_labels(tmp_path, monkeypatch):
     splits = json.loads(Path(b.pre_root, DS, "splits_final.json").read_text())
     assert not {"c04", "c05"} & set(splits[0]["train"] + splits[0]["val"])
     predict = next(argv for argv, _ in runner.calls if argv[0] == "nnUNetv2_predict")
-    assert _arg(predict, "-i") == b.test_images and sorted(os.listdir(b.test_images)) == ["c04_0000.nii.gz",
+    assert arg(predict, "-i") == b.test_images and sorted(os.listdir(b.test_images)) == ["c04_0000.nii.gz",
                                                                                         "c05_0000.nii.gz"]
 
 
@@ -318,169 +214,6 @@ def test_a_failed_setup_step_is_one_line_naming_the_step_and_its_log(fake_env, m
     assert not os.path.exists(os.path.join(str(out), "state", "preprocessed.done"))
 
 
-def test_read_summary_rejects_other_json(tmp_path):
-    p = tmp_path / "s.json"
-    p.write_text(json.dumps({"foreground_mean": {"Dice": 0.7}, "mean": {"1": {"Dice": 0.6}, "2": {"Dice": 0.8}}}))
-    assert read_summary(str(p)) == (0.7, {"1": 0.6, "2": 0.8})
-    p.write_text("{}")
-    with pytest.raises(ValueError):
-        read_summary(str(p))
-
-
-def test_report_aggregates_mean_and_sd():
-    rows = [{"method": "scratch", "labels": 1, "seed": s, "status": "ok", "dice": d} for s, d in ((0, 0.4), (1, 0.6))]
-    rows.append({"method": "scratch", "labels": 1, "seed": 2, "status": "failed", "dice": float("nan")})
-    agg = bench_report.aggregate(rows)["scratch"][1]
-    assert agg["n"] == 2 and agg["failed"] == 1
-    assert agg["mean"] == pytest.approx(0.5) and agg["sd"] == pytest.approx(0.1414, abs=1e-3)
-
-
-def test_controls_share_initial_weights_and_pretraining(fake_env):
-    """scratch_recipe and init0 (controls) and alice_all (load scope all) reuse what the other arms made."""
-    runner = FakeRunner()
-    b = bench(runner, methods=("scratch", "scratch_recipe", "init0", "alice", "alice_all"), labels=("1",),
-              seeds=(0, 1, 2))
-    rows = b.run()
-    assert len(rows) == 15 and all(r["status"] == "ok" for r in rows)
-    pre = [argv for argv, _ in runner.calls if argv[0] == "alice_pretrain"]
-    assert sorted(_arg(argv, "--seed") for argv in pre) == ["0", "1", "2"]  # alice only; alice_all shares it
-    trains = {(cell_method(env), int(env["nnUNet_alice_bench_seed"])): env
-              for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
-    for seed in (0, 1, 2):
-        env = {m: trains[(m, seed)] for m in ("scratch", "scratch_recipe", "init0", "alice", "alice_all")}
-        assert len({e["nnUNet_alice_bench_init"] for e in env.values()}) == 1
-        assert env["scratch_recipe"]["nnUNet_alice_pretrained"] == "none"
-        assert env["scratch_recipe"]["nnUNet_alice_bench_recipe"] == "pretrained"
-        assert env["init0"]["nnUNet_alice_pretrained"] == b.init_file(seed)
-        assert env["alice_all"]["nnUNet_alice_pretrained"] == env["alice"]["nnUNet_alice_pretrained"] == \
-            b.checkpoint("alice", seed)
-        assert (env["alice_all"]["nnUNet_alice_load"], env["alice"]["nnUNet_alice_load"]) == ("all", "encoder")
-    assert {r["recipe"] for r in rows if r["method"] == "scratch"} == {"nnunet"}
-    assert METHODS["alice_sawtooth"].schedule == "sawtooth" and METHODS["alice_sawtooth"].shares == "alice"
-
-
-def test_pretrained_arm_under_nnunets_schedule_shares_the_checkpoint(fake_env):
-    """alice_nnunet: the alice checkpoint fine-tuned with nnU-Net's own schedule; results.md says who used what."""
-    runner = FakeRunner()
-    b = bench(runner, methods=("scratch", "alice", "alice_nnunet"), labels=("1",), seeds=(0, 1))
-    rows = b.run()
-    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
-    assert sorted(_arg(argv, "--seed") for argv, _ in runner.calls if argv[0] == "alice_pretrain") == ["0", "1"]
-    trains = {(cell_method(env), int(env["nnUNet_alice_bench_seed"])): env
-              for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
-    for seed in (0, 1):
-        ours, theirs = trains[("alice_nnunet", seed)], trains[("alice", seed)]
-        assert ours["nnUNet_alice_pretrained"] == theirs["nnUNet_alice_pretrained"] == b.checkpoint("alice", seed)
-        assert (ours["nnUNet_alice_bench_recipe"], theirs["nnUNet_alice_bench_recipe"]) == ("nnunet", "pretrained")
-    sentence = bench_report.recipes_sentence(rows)
-    parts = sentence.split(";")
-    assert len(parts) == 2
-    nnunet_part, = (p for p in parts if "nnU-Net's own schedule" in p)
-    pretrained_part, = (p for p in parts if "pretrained weights" in p)
-    assert "`scratch`" in nnunet_part and "`alice_nnunet`" in nnunet_part
-    assert "`alice`" in pretrained_part
-    assert "`alice_nnunet`" not in pretrained_part
-    assert sentence in Path(b.out, "results.md").read_text()
-
-
-def test_one_pretraining_per_arm_when_the_budget_says_so(fake_env):
-    runner = FakeRunner()
-    budget = get_budget("tiny", labels=["1"], seeds=[0, 1, 2], pretrain_per_seed=False)
-    b = Benchmark("993", budget, methods=["scratch", "alice"], runner=runner, echo=lambda s: None)
-    b.run()
-    assert [_arg(argv, "--seed") for argv, _ in runner.calls if argv[0] == "alice_pretrain"] == ["0"]
-    assert [_arg(argv, "--seed") for argv, _ in runner.calls if tool_of(argv) == "init"] == ["0"]
-    inits = {env["nnUNet_alice_bench_init"] for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
-    assert inits == {b.init_file(0)}
-    assert "once per arm, from the initial weights of seed 0" in Path(b.out, "results.md").read_text()
-
-
-def test_pretrain_per_seed_flag_overrides_the_budget(fake_env):
-    """``--pretrain-per-seed`` turns the long budget's one shared pretraining into one per seed, each from the
-    seed's own initial weights; scratch cells then start from their seed's weights too."""
-    from nnunet_alice.harness.cli import build_parser
-
-    args = build_parser().parse_args(["--budget", "long", "--pretrain-per-seed", "--seeds", "1", "2"])
-    assert args.pretrain_per_seed is True and build_parser().parse_args([]).pretrain_per_seed is None
-    assert build_parser().parse_args(["--no-pretrain-per-seed"]).pretrain_per_seed is False
-    runner = FakeRunner()
-    budget = get_budget("long", labels=["1"], seeds=args.seeds, pretrain_per_seed=args.pretrain_per_seed)
-    b = Benchmark("993", budget, methods=["scratch", "alice_nnunet"], runner=runner, echo=lambda s: None)
-    b.run()
-    assert sorted(_arg(argv, "--seed") for argv, _ in runner.calls if argv[0] == "alice_pretrain") == ["1", "2"]
-    inits = sorted(env["nnUNet_alice_bench_init"] for argv, env in runner.calls if argv[0] == "nnUNetv2_train")
-    assert inits == sorted([b.init_file(1)] * 2 + [b.init_file(2)] * 2)
-    assert get_budget("long", pretrain_per_seed=None).pretrain_per_seed is False
-
-
-def test_long_budget_run_matrix(fake_env):
-    """--budget long: scratch, alice_nnunet, mae_nnunet x labels 1 / all x seeds 0-2; one 3,000-step pretraining
-    per objective (from seed 0's draw); 3,000 fine-tuning iterations per cell under nnU-Net's schedule."""
-    runner = FakeRunner()
-    b = Benchmark("993", get_budget("long"), runner=runner, echo=lambda s: None)
-    rows = b.run()
-    assert len(rows) == 18 and all(r["status"] == "ok" for r in rows)
-    assert {(r["method"], r["seed"]) for r in rows} == {(m, s) for m in ("scratch", "alice_nnunet", "mae_nnunet")
-                                                         for s in (0, 1, 2)}
-    assert len({r["labels"] for r in rows}) == 2
-    pre = [argv for argv, _ in runner.calls if argv[0] == "alice_pretrain"]
-    assert sorted("--objective" in argv and _arg(argv, "--objective") == "mae" for argv in pre) == [False, True]
-    assert {(_arg(argv, "--steps"), _arg(argv, "--seed")) for argv in pre} == {("3000", "0")}
-    trains = [env for argv, env in runner.calls if argv[0] == "nnUNetv2_train"]
-    assert len(trains) == 18
-    assert {(int(e["nnUNet_alice_bench_epochs"]) * int(e["nnUNet_alice_bench_iterations"]),
-             e["nnUNet_alice_bench_recipe"]) for e in trains} == {(3000, "nnunet")}
-
-
-def test_probe_column(fake_env, monkeypatch):
-    import nnunet_alice.harness.cli as benchmark
-
-    monkeypatch.setattr(benchmark, "probe_available", lambda: True)
-    runner = FakeRunner()
-    b = bench(runner, methods=("scratch", "init0", "alice", "alice_all"), labels=("1",), seeds=(0,), probe=True)
-    rows = b.run()
-    probes = [argv for argv, _ in runner.calls if tool_of(argv) == "probe"]
-    # one probe per starting checkpoint: alice and alice_all share one; scratch and init0 share the initial
-    # weights (scratch loads them as its initialisation)
-    assert sorted(_arg(argv, "--checkpoint") for argv in probes) == sorted([b.checkpoint("alice", 0), b.init_file(0)])
-    assert {_arg(argv, "--features") for argv in probes} == {"encoder"}
-    got = {r["method"]: r.get("probe_dice") for r in rows}
-    assert got["scratch"] == got["alice"] == got["alice_all"] == got["init0"] == 0.3
-    text = Path(b.out, "results.md").read_text()
-    assert "Linear probe" in text and "encoder features" in text
-    table = {r["method"]: r for r in read_csv(os.path.join(b.out, "results.csv"))}
-    assert table["scratch"]["probe_dice"] == "0.3000" and table["alice"]["probe_features"] == "encoder"
-    # a finished cell probed with the old (decoder) features is probed again on resume, the cell is not retrained
-    metrics = Path(b.cell_dir("alice", 1, 0), "metrics.json")
-    old = json.loads(metrics.read_text())
-    metrics.write_text(json.dumps({**old, "probe_features": "decoder"}))
-    for f in Path(b.out, "probe").rglob("*.json"):
-        f.unlink()
-    runner.calls.clear()
-    b.run()
-    assert [tool_of(argv) for argv, _ in runner.calls].count("probe") == 1  # alice's checkpoint, re-probed once
-    assert not [argv for argv, _ in runner.calls if argv[0] == "nnUNetv2_train"]
-
-
-def test_probe_step_calls_the_probe_interface(tmp_path, monkeypatch):
-    import sys
-    import types
-
-    from nnunet_alice.harness import steps as bench_steps
-
-    calls = []
-    fake = types.ModuleType("nnunet_alice.probe.cli")
-    fake.probe_checkpoint = lambda *a, **kw: calls.append((a, kw)) or {"mean_dice": 0.42, "dice": {"1": 0.4},
-                                                                         "tensor": object()}
-    monkeypatch.setitem(sys.modules, "nnunet_alice.probe.cli", fake)
-    monkeypatch.setattr(bench_steps, "probe_available", lambda: True)
-    out = tmp_path / "p" / "probe.json"
-    assert bench_steps.main(["probe", "-d", "993", "-p", "P", "-c", "3d_fullres", "--checkpoint", "ck.pth",
-                             "--labels", "2", "--seed", "1", "-o", str(out)]) == 0
-    assert calls[0][0] == ("993", "3d_fullres", "P", "ck.pth", 2, 1) and calls[0][1]["features"] == "decoder"
-    assert json.loads(out.read_text()) == {"mean_dice": 0.42, "dice": {"1": 0.4}}  # plain values only
-
-
 def test_a_folder_of_the_previous_protocol_is_not_resumed(fake_env):
     b = bench(FakeRunner(), methods=("scratch",), labels=("1",), seeds=(0,))
     state = Path(b.out, "state", "budget.json")
@@ -491,37 +224,6 @@ def test_a_folder_of_the_previous_protocol_is_not_resumed(fake_env):
     state.write_text(json.dumps(current))  # written before init matching existed
     with pytest.raises(AliceError, match="protocol: None -> 2"):
         b.run()
-
-
-def test_confidence_interval_on_a_fixed_table():
-    # t(0.975, df) from the standard table: 12.706 (df 1), 4.303 (df 2), 2.776 (df 4)
-    assert bench_report.t_quantile(1) == pytest.approx(12.706, abs=1e-3)
-    assert bench_report.t_quantile(2) == pytest.approx(4.303, abs=1e-3)
-    assert bench_report.t_quantile(4) == pytest.approx(2.776, abs=1e-3)
-    mean, half, n = bench_report.paired_ci([1.0, 2.0, 6.0])  # mean 3, sd sqrt(7)
-    assert (mean, n) == (3.0, 3) and half == pytest.approx(4.303 * 7 ** 0.5 / 3 ** 0.5, rel=1e-3)
-    assert bench_report.paired_ci([2.5])[1] != bench_report.paired_ci([2.5])[1]  # nan: no interval from one seed
-    table = [(0, 0.70, 0.71), (1, 0.60, 0.62), (2, 0.65, 0.71)]  # (seed, scratch, alice) at 1 label
-    rows = [{"method": m, "labels": 1, "seed": s, "status": "ok", "dice": d}
-            for s, a, c in table for m, d in (("scratch", a), ("alice", c))]
-    rows.append({"method": "alice", "labels": 1, "seed": 3, "status": "ok", "dice": 0.9})  # no scratch partner
-    diffs = bench_report.paired_differences(rows)
-    assert diffs["alice"][1] == pytest.approx([1.0, 2.0, 6.0])
-    assert "+3.0 [-3.6, +9.6] (n=3)" in bench_report.markdown_table(rows)
-
-
-def test_budget_check_warns_when_labels_do_not_matter():
-    def rows_for(low, high):
-        return [{"method": "scratch", "labels": n, "seed": s, "status": "ok", "dice": d}
-                for s in (0, 1, 2) for n, d in ((1, low), (8, high))]
-
-    flat = bench_report.warnings(rows_for(0.738, 0.742))
-    assert len(flat) == 1 and "measures convergence speed" in flat[0] and "73.8" in flat[0] and "74.2" in flat[0]
-    assert "measures convergence speed" in bench_report.markdown_table(rows_for(0.738, 0.742))
-    assert bench_report.warnings(rows_for(0.70, 0.75)) == []
-    (reversed_,) = bench_report.warnings(rows_for(0.536, 0.441))  # fewer labels score higher: no "within 2 Dice"
-    assert "within" not in reversed_ and "fewer labels score higher" in reversed_ and "53.6" in reversed_
-    assert bench_report.warnings(rows_for(0.70, 0.75)[:3]) == []  # one label count: nothing to compare
 
 
 @pytest.mark.slow

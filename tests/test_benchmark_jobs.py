@@ -16,7 +16,7 @@ from nnunet_alice.errors import AliceError
 from nnunet_alice.harness import runner as runner_mod
 from nnunet_alice.harness.cli import Benchmark, build_parser
 from nnunet_alice.harness.config import get_budget
-from test_benchmark import FakeRunner, bench, fake_env, read_csv  # noqa: F401 (fake_env is a fixture)
+from bench_fakes import FakeRunner, bench, fake_env, read_csv  # noqa: F401 (fake_env is a fixture)
 
 
 class CountingRunner(FakeRunner):

@@ -1,0 +1,57 @@
+"""alice_benchmark report: nnU-Net summaries, mean and sd, paired confidence intervals and the budget check."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nnunet_alice.harness import report as bench_report
+from nnunet_alice.harness.cli import read_summary
+
+
+def test_read_summary_rejects_other_json(tmp_path):
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps({"foreground_mean": {"Dice": 0.7}, "mean": {"1": {"Dice": 0.6}, "2": {"Dice": 0.8}}}))
+    assert read_summary(str(p)) == (0.7, {"1": 0.6, "2": 0.8})
+    p.write_text("{}")
+    with pytest.raises(ValueError):
+        read_summary(str(p))
+
+
+def test_report_aggregates_mean_and_sd():
+    rows = [{"method": "scratch", "labels": 1, "seed": s, "status": "ok", "dice": d} for s, d in ((0, 0.4), (1, 0.6))]
+    rows.append({"method": "scratch", "labels": 1, "seed": 2, "status": "failed", "dice": float("nan")})
+    agg = bench_report.aggregate(rows)["scratch"][1]
+    assert agg["n"] == 2 and agg["failed"] == 1
+    assert agg["mean"] == pytest.approx(0.5) and agg["sd"] == pytest.approx(0.1414, abs=1e-3)
+
+
+def test_confidence_interval_on_a_fixed_table():
+    # t(0.975, df) from the standard table: 12.706 (df 1), 4.303 (df 2), 2.776 (df 4)
+    assert bench_report.t_quantile(1) == pytest.approx(12.706, abs=1e-3)
+    assert bench_report.t_quantile(2) == pytest.approx(4.303, abs=1e-3)
+    assert bench_report.t_quantile(4) == pytest.approx(2.776, abs=1e-3)
+    mean, half, n = bench_report.paired_ci([1.0, 2.0, 6.0])  # mean 3, sd sqrt(7)
+    assert (mean, n) == (3.0, 3) and half == pytest.approx(4.303 * 7 ** 0.5 / 3 ** 0.5, rel=1e-3)
+    assert bench_report.paired_ci([2.5])[1] != bench_report.paired_ci([2.5])[1]  # nan: no interval from one seed
+    table = [(0, 0.70, 0.71), (1, 0.60, 0.62), (2, 0.65, 0.71)]  # (seed, scratch, alice) at 1 label
+    rows = [{"method": m, "labels": 1, "seed": s, "status": "ok", "dice": d}
+            for s, a, c in table for m, d in (("scratch", a), ("alice", c))]
+    rows.append({"method": "alice", "labels": 1, "seed": 3, "status": "ok", "dice": 0.9})  # no scratch partner
+    diffs = bench_report.paired_differences(rows)
+    assert diffs["alice"][1] == pytest.approx([1.0, 2.0, 6.0])
+    assert "+3.0 [-3.6, +9.6] (n=3)" in bench_report.markdown_table(rows)
+
+
+def test_budget_check_warns_when_labels_do_not_matter():
+    def rows_for(low, high):
+        return [{"method": "scratch", "labels": n, "seed": s, "status": "ok", "dice": d}
+                for s in (0, 1, 2) for n, d in ((1, low), (8, high))]
+
+    flat = bench_report.warnings(rows_for(0.738, 0.742))
+    assert len(flat) == 1 and "measures convergence speed" in flat[0] and "73.8" in flat[0] and "74.2" in flat[0]
+    assert "measures convergence speed" in bench_report.markdown_table(rows_for(0.738, 0.742))
+    assert bench_report.warnings(rows_for(0.70, 0.75)) == []
+    (reversed_,) = bench_report.warnings(rows_for(0.536, 0.441))  # fewer labels score higher: no "within 2 Dice"
+    assert "within" not in reversed_ and "fewer labels score higher" in reversed_ and "53.6" in reversed_
+    assert bench_report.warnings(rows_for(0.70, 0.75)[:3]) == []  # one label count: nothing to compare
