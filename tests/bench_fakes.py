@@ -82,6 +82,8 @@ class FakeRunner:
             folder = Path(env["nnUNet_results"]) / DS / f"{arg(argv, '-tr')}__{arg(argv, '-p')}__3d_fullres"
             (folder / f"fold_{argv[3]}").mkdir(parents=True)
             (folder / f"fold_{argv[3]}" / "checkpoint_final.pth").write_text("")
+            curve = {"ema_fg_dice": [0.1, 0.2, 0.3, 0.4, 0.45]}  # what the bench trainer writes at the end
+            (folder / f"fold_{argv[3]}" / "learning_curve.json").write_text(json.dumps(curve))
         elif tool == "nnUNetv2_predict":
             os.makedirs(arg(argv, "-o"))
         elif tool == "nnUNetv2_evaluate_folder":

@@ -31,6 +31,9 @@ def test_run_matrix_complete_and_one_csv_row_per_cell(fake_env):
     assert os.path.isfile(os.path.join(b.out, "results_dice.png"))
     md = Path(b.out, "results.md").read_text()
     assert "| alice | 60.0 ± 0.0 (n=2)" in md and "+10.0" in md
+    # each cell's learning curve: EMA pseudo-Dice 0.45 at the end, +0.05 over the last fifth -> still learning
+    assert {(r["ema_dice_end"], r["ema_dice_gain"]) for r in table} == {("0.4500", "0.0500")}
+    assert "still learning" in md and "+5.0 Dice" in md
 
     # one pretraining per pretrained arm and seed, with the arm's flags, each in its own results root, each
     # starting from its seed's initial weights
@@ -247,6 +250,7 @@ def test_real_tiny_cell_end_to_end(tmp_path, monkeypatch):
     table = read_csv(os.path.join(b.out, "results.csv"))
     assert [(t["method"], t["labels"], t["status"]) for t in table] == [("scratch", "2", "ok")]
     assert len(os.listdir(os.path.join(b.cell_dir("scratch", 2, 0), "pred"))) >= 1
+    assert 0.0 <= r["ema_dice_end"] <= 1.0  # the trainer wrote its learning curve (1 epoch: no gain to measure)
 
 
 def test_subprocess_runner_logs_output_and_exit_code(tmp_path):

@@ -55,3 +55,31 @@ def test_budget_check_warns_when_labels_do_not_matter():
     (reversed_,) = bench_report.warnings(rows_for(0.536, 0.441))  # fewer labels score higher: no "within 2 Dice"
     assert "within" not in reversed_ and "fewer labels score higher" in reversed_ and "53.6" in reversed_
     assert bench_report.warnings(rows_for(0.70, 0.75)[:3]) == []  # one label count: nothing to compare
+
+
+def test_learning_tail_reads_the_trainers_curve(tmp_path):
+    import numpy as np
+
+    from nnunet_alice.harness.trainers import write_learning_curve
+
+    ema = np.linspace(0.10, 0.55, 10).astype(np.float32)  # nnU-Net logs numpy scalars
+    path = write_learning_curve(str(tmp_path), {"ema_fg_dice": list(ema), "train_losses": [np.float32(1.0)] * 10})
+    assert json.loads(open(path).read())["train_losses"] == [1.0] * 10
+    tail = bench_report.learning_tail(path)
+    assert tail["ema_dice_end"] == pytest.approx(0.55) and tail["ema_dice_gain"] == pytest.approx(0.10, abs=1e-6)
+    assert bench_report.learning_tail(str(tmp_path / "missing.json")) == {}
+    (tmp_path / "one.json").write_text(json.dumps({"ema_fg_dice": [0.3]}))
+    assert bench_report.learning_tail(str(tmp_path / "one.json")) == {"ema_dice_end": 0.3}  # no rise to measure
+
+
+def test_budget_check_warns_when_cells_were_still_learning():
+    def rows_with(gains):
+        return [{"method": "alice", "labels": 1, "seed": s, "status": "ok", "dice": 0.5, "ema_dice_gain": g}
+                for s, g in enumerate(gains)]
+
+    (still,) = bench_report.warnings(rows_with([0.03, 0.04, 0.01]))
+    assert "still learning" in still and "+3.0" in still and "3 cells" in still
+    assert bench_report.warnings(rows_with([0.005, 0.01, 0.03])) == []  # median 1 Dice: converged enough
+    failed = rows_with([0.05]) + [{"method": "alice", "labels": 1, "seed": 9, "status": "failed", "dice": float("nan"),
+                                   "ema_dice_gain": 0.5}]
+    assert "+5.0" in bench_report.warnings(failed)[0]  # failed cells do not count

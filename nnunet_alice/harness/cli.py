@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunet_alice.errors import AliceError, cli_main
 from nnunet_alice.harness import report as bench_report
-from nnunet_alice.harness.config import (BENCH_TRAINERS, CONFIGURATION, METHODS, Budget, FoldRegistry,
+from nnunet_alice.harness.config import (BENCH_TRAINERS, CONFIGURATION, CURVE_FILE, METHODS, Budget, FoldRegistry,
                                          check_budget, get_budget, resolve_arms, resolve_label_counts)
 from nnunet_alice.harness.report import _read_json, _write_json, read_summary
 from nnunet_alice.harness.runner import allow_new, stop_all, subprocess_runner
@@ -177,7 +177,8 @@ class Benchmark(BenchSetup):
             ["nnUNetv2_evaluate_folder", self.test_labels, pred, "-djfile", os.path.join(self.raw, "dataset.json"),
              "-pfile", self.plans_file(), "-o", summary, "-np", "1"], os.path.join(cdir, "evaluate.log"), env)
         dice, per_class = read_summary(summary)
-        return {"dice": dice, "per_class": per_class, **times, "fold": fold, "num_test": len(self.test_cases)}
+        return {"dice": dice, "per_class": per_class, **times, "fold": fold, "num_test": len(self.test_cases),
+                **bench_report.learning_tail(os.path.join(fold_dir, CURVE_FILE))}
 
     def probe_cell(self, method: str, n: int, seed: int, start: str) -> dict:
         """Linear-probe Dice of the cell's starting weights (cached per checkpoint, labels and seed): the arm's

@@ -21,6 +21,8 @@ TRAINER = "nnUNetTrainerAlice_bench"
 #: schedule -> harness trainer class (``nnunet_alice.harness.trainers``)
 BENCH_TRAINERS = {"default": TRAINER, "sawtooth": "nnUNetTrainerAlice_sawtooth_bench"}
 CONFIGURATION = "3d_fullres"
+#: written by the harness trainers next to checkpoint_final.pth (``nnunet_alice.harness.trainers``)
+CURVE_FILE = "learning_curve.json"
 #: version of the comparison protocol; a benchmark folder made under another one is not resumed
 PROTOCOL = 2
 

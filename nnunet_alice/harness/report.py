@@ -16,9 +16,10 @@ import numpy as np
 
 CSV_COLUMNS = ["method", "labels", "seed", "fold", "status", "dice", "per_class_dice", "probe_dice", "probe_features",
                "recipe", "load_scope", "schedule", "init_seed", "wall_s", "train_s", "predict_s", "eval_s",
-               "pretrain_s", "num_test", "error"]
+               "pretrain_s", "ema_dice_end", "ema_dice_gain", "num_test", "error"]
 BASELINE = "scratch"
 CONVERGENCE_MARGIN = 0.02  # 2 Dice points
+STILL_LEARNING = 0.02      # median rise of the EMA pseudo-Dice over the last fifth of training that flags the budget
 
 
 def collect(out: str) -> List[dict]:
@@ -162,20 +163,46 @@ def paired_differences(rows: List[dict], baseline: str = BASELINE) -> Dict[str, 
     return out
 
 
-def warnings(rows: List[dict], baseline: str = BASELINE, margin: float = CONVERGENCE_MARGIN) -> List[str]:
-    """The budget check: scratch with the fewest labels within ``margin`` of (or above) scratch with the most labels."""
+def learning_tail(curve_path: str) -> dict:
+    """From a cell's ``learning_curve.json``: nnU-Net's EMA pseudo-Dice at the last epoch (``ema_dice_end``) and its
+    rise over the last fifth of the epochs (``ema_dice_gain``, from 2 epochs on); empty without the file."""
+    data = _read_json(curve_path)
+    try:
+        ema = [float(v) for v in (data.get("ema_fg_dice") or [] if isinstance(data, dict) else [])]
+    except (TypeError, ValueError):
+        return {}
+    if not ema:
+        return {}
+    if len(ema) < 2:
+        return {"ema_dice_end": ema[-1]}
+    back = max(1, len(ema) // 5)
+    return {"ema_dice_end": ema[-1], "ema_dice_gain": ema[-1] - ema[-1 - back]}
+
+
+def warnings(rows: List[dict], baseline: str = BASELINE, margin: float = CONVERGENCE_MARGIN,
+             still: float = STILL_LEARNING) -> List[str]:
+    """The budget check: scratch with the fewest labels within ``margin`` of (or above) scratch with the most labels;
+    and cells still learning when they stopped (median ``ema_dice_gain`` of the finished cells >= ``still``)."""
+    out = []
+    gains = [float(r["ema_dice_gain"]) for r in rows
+             if r.get("status", "ok") == "ok" and _finite(r.get("ema_dice_gain"))]
+    if gains and float(np.median(gains)) >= still:
+        out.append(f"the cells were still learning when fine-tuning stopped: nnU-Net's EMA pseudo-Dice rose by a "
+                   f"median of {100 * float(np.median(gains)):+.1f} Dice over the last fifth of the epochs "
+                   f"({len(gains)} cells, learning rate decaying to 0); the differences measure how fast each start "
+                   f"learns, not where it ends; train longer (--epochs/--iterations)")
     per = aggregate([r for r in rows if r["method"] == baseline]).get(baseline, {})
     counts = [n for n in sorted(per) if per[n]["n"]]
     if len(counts) < 2:
-        return []
+        return out
     low, high = per[counts[0]]["mean"], per[counts[-1]]["mean"]
     if high - low >= margin:
-        return []
+        return out
     relation = (f"is within {100 * margin:.0f} Dice of" if low <= high else
                 "is not below (fewer labels score higher than)")
     return [f"{baseline} with {counts[0]} labelled case(s) ({100 * low:.1f}) {relation} "
             f"{baseline} with {counts[-1]} ({100 * high:.1f}): this budget measures convergence speed, not label "
-            f"efficiency; train longer (--epochs/--iterations)"]
+            f"efficiency; train longer (--epochs/--iterations)"] + out
 
 
 RECIPE_TEXT = {"nnunet": "nnU-Net's own schedule (SGD 1e-2, poly per epoch)",

@@ -19,10 +19,16 @@ not use any of them, so predicting needs no environment):
 - ``nnUNet_alice_bench_final_val``: ``1`` runs nnU-Net's final validation of the fold's val cases; default ``0``
   skips it, because the benchmark evaluates on held-out test cases instead
 
+At the end of training the trainer writes ``learning_curve.json`` next to ``checkpoint_final.pth``: nnU-Net's
+per-epoch logs (EMA and mean pseudo-Dice, training and validation loss) as plain numbers, so the harness can tell
+whether a cell was still learning when its budget ran out without unpickling nnU-Net's checkpoint.
+
 (Earlier versions named these ``ALICE_BENCH_*``; ``nnunet_alice.env`` still reads those.)
 """
 from __future__ import annotations
 
+import json
+import os
 import random
 
 import numpy as np
@@ -30,6 +36,7 @@ import torch
 
 from nnunet_alice.env import getenv
 from nnunet_alice.errors import AliceError
+from nnunet_alice.harness.config import CURVE_FILE
 from nnunet_alice.trainers.alice import NNUNET, PRETRAINED, nnUNetTrainerAlice
 from nnunet_alice.trainers.variants import _SawtoothMixin
 
@@ -60,6 +67,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+CURVE_KEYS = ("ema_fg_dice", "mean_fg_dice", "train_losses", "val_losses")
+
+
+def write_learning_curve(folder: str, logging: dict) -> str:
+    """``<folder>/learning_curve.json``: the per-epoch lists of nnU-Net's logger named in ``CURVE_KEYS``, as floats."""
+    curve = {k: [float(v) for v in logging.get(k, [])] for k in CURVE_KEYS}
+    path = os.path.join(folder, CURVE_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(curve, f)
+    os.replace(path + ".tmp", path)
+    return path
 
 
 class _BenchMixin:
@@ -96,6 +116,14 @@ class _BenchMixin:
                                f"iterations, {self.num_val_iterations_per_epoch} val iterations, recipe "
                                f"{self.recipe}, seed {self.bench_seed}, initial weights {self.bench_init or 'drawn'}")
         super().on_train_start()
+
+    def on_train_end(self):
+        super().on_train_end()
+        if self.local_rank == 0:
+            try:  # get_checkpoint(): the per-epoch lists, on nnU-Net's old logger and on its MetaLogger
+                write_learning_curve(self.output_folder, self.logger.get_checkpoint())
+            except (AttributeError, TypeError, ValueError, OSError) as e:  # an extra: never fails the training
+                self.print_to_log_file(f"alice_benchmark: no {CURVE_FILE} ({type(e).__name__}: {e})")
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         if self.bench_final_validation:
