@@ -85,6 +85,12 @@ def test_resume_skips_finished_cells(fake_env):
     again = FakeRunner()
     rows = bench(again, methods=("scratch", "alice"), labels=("1", "all")).run()
     assert again.calls == [] and len(rows) == 8 and all(r.get("skipped") for r in rows)
+    # a cell finished before the harness read learning curves gets them from its fold folder, without a command
+    metrics = Path(b.cell_dir("scratch", 1, 0), "metrics.json")
+    metrics.write_text(json.dumps({k: v for k, v in json.loads(metrics.read_text()).items()
+                                   if not k.startswith("ema_")}))
+    rows = bench(again, methods=("scratch", "alice"), labels=("1", "all")).run()
+    assert again.calls == [] and json.loads(metrics.read_text())["ema_dice_gain"] == pytest.approx(0.05)
 
     # a cell whose metrics vanished reruns only that cell; its trained checkpoint is reused
     os.remove(os.path.join(b.cell_dir("alice", 5, 1), "metrics.json"))

@@ -143,17 +143,25 @@ class Benchmark(BenchSetup):
     def cell_dir(self, method: str, n: int, seed: int) -> str:
         return os.path.join(self.out, "cells", method, f"n{n}_s{seed}")
 
+    def results_root(self, method: str, n: int, seed: int) -> str:
+        return os.path.join(self.out, "runs", method, f"n{n}_s{seed}")  # own folder: cells may run at once
+
+    def fold_dir(self, method: str, n: int, seed: int, fold: int) -> str:
+        trainer = BENCH_TRAINERS[self.arm(method).schedule]
+        return os.path.join(self.results_root(method, n, seed), self.dataset_name,
+                            f"{trainer}__{self.plans}__{CONFIGURATION}", f"fold_{fold}")
+
     def run_cell(self, method: str, n: int, seed: int, fold: int, start: str) -> dict:
         """Train, predict and evaluate one cell; ``start``: what nnUNet_alice_pretrained points to."""
         cdir, b, arm = self.cell_dir(method, n, seed), self.budget, self.arm(method)
         trainer = BENCH_TRAINERS[arm.schedule]
-        results = os.path.join(self.out, "runs", method, f"n{n}_s{seed}")  # own folder: cells may run at once
+        results = self.results_root(method, n, seed)
         env = self.env(nnUNet_results=results, nnUNet_alice_pretrained=start, nnUNet_alice_load=arm.load_scope,
                        nnUNet_alice_bench_recipe=arm.recipe,
                        nnUNet_alice_bench_init=self.init_file(self.init_seed(seed)),
                        nnUNet_alice_bench_epochs=str(b.epochs), nnUNet_alice_bench_iterations=str(b.iterations),
                        nnUNet_alice_bench_val_iterations=str(b.val_iterations), nnUNet_alice_bench_seed=str(seed))
-        fold_dir = os.path.join(results, self.dataset_name, f"{trainer}__{self.plans}__{CONFIGURATION}", f"fold_{fold}")
+        fold_dir = self.fold_dir(method, n, seed, fold)
         times = {"train_s": 0.0, "predict_s": 0.0, "eval_s": 0.0}
         did = str(self.dataset_id)
         if not os.path.isfile(os.path.join(fold_dir, "checkpoint_final.pth")):
@@ -280,8 +288,12 @@ class Benchmark(BenchSetup):
                 if arm.start != "none" else "", "schedule": arm.schedule}
         if os.path.isfile(metrics_path):
             row = {**base, **_read_json(metrics_path), "skipped": True}
+            extra = {} if "ema_dice_end" in row else bench_report.learning_tail(
+                os.path.join(self.fold_dir(method, n, seed, fold), CURVE_FILE))  # a cell finished by an older run
             if self.probe and row.get("probe_features") != PROBE_FEATURES:
-                row.update(self._probe(method, n, seed, start))
+                extra.update(self._probe(method, n, seed, start))
+            if extra:
+                row.update(extra)
                 _write_json(metrics_path, {k: v for k, v in row.items() if k != "skipped"})
             return row
         os.makedirs(cdir, exist_ok=True)
