@@ -167,8 +167,9 @@ def learning_tail(curve_path: str) -> dict:
     """From a cell's ``learning_curve.json``: nnU-Net's EMA pseudo-Dice at the last epoch (``ema_dice_end``) and its
     rise over the last fifth of the epochs (``ema_dice_gain``, from 2 epochs on); empty without the file."""
     data = _read_json(curve_path)
+    values = data.get("ema_fg_dice") if isinstance(data, dict) else None
     try:
-        ema = [float(v) for v in (data.get("ema_fg_dice") or [] if isinstance(data, dict) else [])]
+        ema = [float(v) for v in values or []]
     except (TypeError, ValueError):
         return {}
     if not ema:
