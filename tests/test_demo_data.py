@@ -1,12 +1,11 @@
-"""Tests of ``alice_demo_data``: layout, geometry, labels, determinism, disjoint splits, nnU-Net validity, errors;
-the ``anatomy`` task: every class in every subject, labels carried by the deformation, not solvable by intensity.
+"""Tests of ``alice_demo_data``: layout, geometry, labels, determinism, disjoint splits, nnU-Net validity, errors.
+The anatomy task's own properties are in ``test_demo_anatomy.py``.
 
 Small datasets at 4 mm keep the file fast. Sources that are not installed are skipped with the reason; the CT
 code path is also run on a small phantom written in the InVesalius format.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -16,40 +15,17 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_alice.errors import AliceError
-from nnunet_alice.demo import augment as demo_augment, cli as demo_data, sources as demo_sources
+from nnunet_alice.demo import cli as demo_data, sources as demo_sources
 from nnunet_alice.demo.cli import case_ids, make_demo_dataset
 
-HAS_NILEARN = importlib.util.find_spec("nilearn") is not None
-HAS_CT = os.path.isfile(demo_sources.CRANIUM_PATH)
-needs_mni = pytest.mark.skipif(not HAS_NILEARN, reason="nilearn is not installed (pip install nilearn)")
-needs_ct = pytest.mark.skipif(not HAS_CT, reason="Cranium.inv3 missing (apt-get install invesalius-examples)")
-SOURCE_PARAMS = [pytest.param("mni", marks=needs_mni), pytest.param("ct", marks=needs_ct)]
-SPACING = 4.0
-COUNTS = dict(num_train=2, num_test=2, num_unlabeled=2)
-LABELS = {"mni": demo_sources.MNI_ANATOMY_LABELS, "ct": demo_sources.CT_TISSUE_LABELS}
-TASK = {"mni": "anatomy", "ct": "tissue"}
-
-
-def _make(root, source, seed=0, dataset_id=990, **kw):
-    args = dict(COUNTS)
-    args.update(kw)
-    return make_demo_dataset(str(root), dataset_id, None, source, seed=seed, spacing=SPACING, **args)
-
-
-def _read(path):
-    return sitk.ReadImage(str(path))
-
-
-def _arrays(folder, sub):
-    d = os.path.join(folder, sub)
-    return {f: sitk.GetArrayFromImage(_read(os.path.join(d, f))) for f in sorted(os.listdir(d))}
+from demo_fixtures import LABELS, SOURCE_PARAMS, SPACING, TASK, arrays, make_small, needs_mni, read
 
 
 @pytest.fixture(scope="module", params=SOURCE_PARAMS)
 def dataset(request, tmp_path_factory):
     """(source, folder) of one small dataset per available source."""
     root = tmp_path_factory.mktemp(f"raw_{request.param}")
-    return request.param, _make(root, request.param)
+    return request.param, make_small(root, request.param)
 
 
 def test_layout_and_dataset_json(dataset):
@@ -82,14 +58,14 @@ def test_geometry_and_label_alignment(dataset):
     fg_ext = (hi - lo) / SPACING  # foreground extent in output voxels (x, y, z)
     for img_dir, lab_dir in [("imagesTr", "labelsTr"), ("imagesTs", "labelsTs"), ("imagesUnlabeled", None)]:
         for f in sorted(os.listdir(os.path.join(folder, img_dir))):
-            img = _read(os.path.join(folder, img_dir, f))
+            img = read(os.path.join(folder, img_dir, f))
             assert img.GetSpacing() == pytest.approx((SPACING,) * 3)
             assert img.GetPixelID() == sitk.sitkInt16
             size = np.array(img.GetSize())
             assert np.all(size >= np.floor(0.8 * fg_ext) - 1) and np.all(size <= np.ceil(1.1 * fg_ext) + 1)
             if lab_dir is None:
                 continue
-            lab = _read(os.path.join(folder, lab_dir, f.replace("_0000.nii.gz", ".nii.gz")))
+            lab = read(os.path.join(folder, lab_dir, f.replace("_0000.nii.gz", ".nii.gz")))
             assert lab.GetPixelID() == sitk.sitkUInt8
             assert lab.GetSize() == img.GetSize()
             assert lab.GetSpacing() == pytest.approx(img.GetSpacing())
@@ -110,7 +86,7 @@ def test_geometry_and_label_alignment(dataset):
 def test_label_values_exactly_declared(dataset):
     source, folder = dataset
     for sub in ("labelsTr", "labelsTs"):
-        for f, arr in _arrays(folder, sub).items():
+        for f, arr in arrays(folder, sub).items():
             assert set(np.unique(arr).tolist()) == set(LABELS[source].values()), f
 
 
@@ -118,11 +94,11 @@ def test_splits_disjoint_and_subjects_differ(dataset):
     source, folder = dataset
     ids = [c for split in ("train", "test", "unlabeled") for c in case_ids(source, split, 2)]
     assert len(set(ids)) == len(ids)
-    arrays = [a for sub in ("imagesTr", "imagesTs", "imagesUnlabeled") for a in _arrays(folder, sub).values()]
-    for i in range(len(arrays)):
-        for j in range(i + 1, len(arrays)):
-            assert arrays[i].shape != arrays[j].shape or not np.array_equal(arrays[i], arrays[j])
-    labels = list(_arrays(folder, "labelsTr").values()) + list(_arrays(folder, "labelsTs").values())
+    images = [a for sub in ("imagesTr", "imagesTs", "imagesUnlabeled") for a in arrays(folder, sub).values()]
+    for i in range(len(images)):
+        for j in range(i + 1, len(images)):
+            assert images[i].shape != images[j].shape or not np.array_equal(images[i], images[j])
+    labels = list(arrays(folder, "labelsTr").values()) + list(arrays(folder, "labelsTs").values())
     # different anatomy, not only different noise: the label maps differ
     for i in range(len(labels)):
         for j in range(i + 1, len(labels)):
@@ -137,31 +113,31 @@ def test_valid_for_nnunet(dataset):
 
 @needs_mni
 def test_determinism_by_seed(tmp_path):
-    a = _make(tmp_path / "a", "mni", seed=3, num_test=0, num_unlabeled=1)
-    b = _make(tmp_path / "b", "mni", seed=3, num_test=0, num_unlabeled=1)
-    c = _make(tmp_path / "c", "mni", seed=4, num_test=0, num_unlabeled=1)
+    a = make_small(tmp_path / "a", "mni", seed=3, num_test=0, num_unlabeled=1)
+    b = make_small(tmp_path / "b", "mni", seed=3, num_test=0, num_unlabeled=1)
+    c = make_small(tmp_path / "c", "mni", seed=4, num_test=0, num_unlabeled=1)
     for sub in ("imagesTr", "labelsTr", "imagesUnlabeled"):
-        xa, xb, xc = _arrays(a, sub), _arrays(b, sub), _arrays(c, sub)
+        xa, xb, xc = arrays(a, sub), arrays(b, sub), arrays(c, sub)
         assert xa.keys() == xb.keys() == xc.keys()
         for k in xa:
             assert np.array_equal(xa[k], xb[k])
             assert xa[k].shape != xc[k].shape or not np.array_equal(xa[k], xc[k])
     # a subject depends only on (seed, split, index): more training cases leave the unlabeled pool unchanged
-    d = _make(tmp_path / "d", "mni", seed=3, num_train=3, num_test=0, num_unlabeled=1)
-    for k, v in _arrays(a, "imagesUnlabeled").items():
-        assert np.array_equal(v, _arrays(d, "imagesUnlabeled")[k])
+    d = make_small(tmp_path / "d", "mni", seed=3, num_train=3, num_test=0, num_unlabeled=1)
+    for k, v in arrays(a, "imagesUnlabeled").items():
+        assert np.array_equal(v, arrays(d, "imagesUnlabeled")[k])
     # ... and not on how many processes make the subjects
-    e = _make(tmp_path / "e", "mni", seed=3, num_test=0, num_unlabeled=1, workers=2)
+    e = make_small(tmp_path / "e", "mni", seed=3, num_test=0, num_unlabeled=1, workers=2)
     for sub in ("imagesTr", "labelsTr", "imagesUnlabeled"):
-        xa, xe = _arrays(a, sub), _arrays(e, sub)
+        xa, xe = arrays(a, sub), arrays(e, sub)
         assert xa.keys() == xe.keys() and all(np.array_equal(xa[k], xe[k]) for k in xa)
 
 
 @needs_mni
 def test_existing_dataset_needs_overwrite(tmp_path):
-    folder = _make(tmp_path, "mni", num_train=1, num_test=0, num_unlabeled=0)
+    folder = make_small(tmp_path, "mni", num_train=1, num_test=0, num_unlabeled=0)
     with pytest.raises(AliceError, match="--overwrite"):
-        _make(tmp_path, "mni", num_train=1, num_test=0, num_unlabeled=0)
+        make_small(tmp_path, "mni", num_train=1, num_test=0, num_unlabeled=0)
     with pytest.raises(AliceError, match="already used"):
         make_demo_dataset(str(tmp_path), 990, "Other", "mni", 1, 0, 0, 0, SPACING)
     make_demo_dataset(str(tmp_path), 990, None, "mni", 2, 0, 0, 0, SPACING, overwrite=True)
@@ -182,7 +158,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(demo_data, "make_subject", flaky)
     with pytest.raises(KeyboardInterrupt):
-        _make(tmp_path, "mni")
+        make_small(tmp_path, "mni")
     assert os.listdir(tmp_path) == []
 
 
@@ -191,7 +167,7 @@ def test_missing_nilearn_gives_install_hint(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "nilearn.datasets", None)
     out = tmp_path / "raw"
     with pytest.raises(AliceError, match="pip install nilearn"):
-        _make(out, "mni")
+        make_small(out, "mni")
     assert not out.exists()
     with pytest.raises(SystemExit) as e:
         demo_data.main(["--output", str(out)])
@@ -205,7 +181,7 @@ def test_missing_ct_gives_install_hint(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(demo_sources, "CRANIUM_PATH", str(tmp_path / "missing.inv3"))
     out = tmp_path / "raw"
     with pytest.raises(AliceError, match="apt-get install invesalius-examples"):
-        _make(out, "ct")
+        make_small(out, "ct")
     with pytest.raises(SystemExit) as e:
         demo_data.main(["--source", "ct", "--output", str(out)])
     assert e.value.code != 0
@@ -236,145 +212,10 @@ def test_cli_writes_dataset(tmp_path, monkeypatch, capsys):
                            "-d", "7", "--name", "Cli", "-q"]) == 0
     folder = capsys.readouterr().out.strip()
     assert folder == os.path.join(str(tmp_path), "Dataset007_Cli")
-    img = _read(os.path.join(folder, "imagesUnlabeled", "mni_un000_0000.nii.gz"))
+    img = read(os.path.join(folder, "imagesUnlabeled", "mni_un000_0000.nii.gz"))
     assert img.GetSpacing() == pytest.approx((6.0, 6.0, 6.0))
 
 
-# ---------------------------------------------------------------------------------------------- the anatomy task
-def _subject(split_code, i, seed=0, task="anatomy", spacing=SPACING, **kw):
-    src = demo_sources.load_source("mni")
-    return demo_augment.make_subject(src, (spacing,) * 3, np.random.default_rng([seed, split_code, i]), task, **kw)
-
-
-@needs_mni
-def test_tissue_task_is_still_available(tmp_path):
-    folder = make_demo_dataset(str(tmp_path), 991, None, "mni", 1, 0, 0, seed=0, spacing=SPACING, task="tissue")
-    assert os.path.basename(folder) == "Dataset991_AliceDemoMNI"
-    dj = json.load(open(os.path.join(folder, "dataset.json")))
-    assert dj["labels"] == {"background": 0, "grey_matter": 1, "white_matter": 2}
-    assert dj["alice_demo"]["task"] == "tissue"
-    lab = _arrays(folder, "labelsTr")["mni_tr000.nii.gz"]
-    assert set(np.unique(lab).tolist()) == {0, 1, 2}
-
-
-@needs_mni
-def test_anatomy_every_class_in_every_subject():
-    classes = set(LABELS["mni"].values())
-    for i in range(10):  # random fields of view, deformations and ventricle sizes
-        subject = _subject(1 + i % 3, i)
-        assert set(np.unique(subject.labels).tolist()) == classes, i
-
-
-def _inner_template_points(src, task, size=5):
-    """Per class, the template point (LPS mm) nearest the class's centroid whose size^3 neighbourhood is all
-    that class (so a small mapping error cannot change its class)."""
-    from scipy import ndimage as ndi
-
-    lab = src.labels(task)
-    uniform = ndi.minimum_filter(lab, size=size) == ndi.maximum_filter(lab, size=size)
-    points = {}
-    for k in range(1, int(lab.max()) + 1):
-        idx = np.argwhere(uniform & (lab == k))
-        centre = np.argwhere(lab == k).mean(axis=0)
-        best = idx[np.argmin(((idx - centre) ** 2).sum(axis=1))]
-        points[k] = src.affine[:3, :3] @ best + src.affine[:3, 3]
-    return points
-
-
-@needs_mni
-def test_labels_follow_the_deformation(dataset):
-    """A known template point lands, in each subject, on a voxel of the same class; the written files hold those
-    labels on that geometry (read back through SimpleITK, an independent reader)."""
-    source, folder = dataset
-    if source != "mni":
-        pytest.skip("anatomy task: mni only")
-    for i, case in enumerate(case_ids("mni", "train", 2)):
-        subject = _subject(1, i)  # the subject make_demo_dataset wrote for this case
-        lab_img = _read(os.path.join(folder, "labelsTr", case + ".nii.gz"))
-        assert np.array_equal(sitk.GetArrayFromImage(lab_img), subject.labels.transpose(2, 1, 0))
-        voxel = [int(s) // 3 for s in subject.grid.size]
-        assert np.allclose(lab_img.TransformIndexToPhysicalPoint(voxel),
-                           subject.grid.affine[:3, :3] @ np.array(voxel) + subject.grid.affine[:3, 3], atol=1e-3)
-
-    src = demo_sources.load_source("mni")
-    points = _inner_template_points(src, "anatomy")
-    moved, checked = [], 0
-    for i in range(3):  # 2 mm: the subject's voxels sample the template densely enough to find each point
-        subject = _subject(2, i, spacing=2.0)
-        src_pts = subject.transform.source_points().reshape(3, -1)
-        for k, q in points.items():
-            dist = np.abs(src_pts - q[:, None]).max(axis=0)
-            j = int(np.argmin(dist))
-            if dist[j] > 1.5:  # outside this subject's field of view
-                continue
-            voxel = np.unravel_index(j, subject.grid.size)
-            assert subject.labels[voxel] == k, (i, k)
-            undeformed = np.round(np.linalg.solve(subject.grid.affine[:3, :3], q - subject.grid.affine[:3, 3]))
-            moved.append(np.abs(undeformed - np.array(voxel)).max())
-            checked += 1
-    assert checked >= 2 * len(points)  # most points are inside most fields of view
-    assert max(moved) >= 2  # the deformation really moved the anatomy (several voxels), so the check is not trivial
-
-
-def _intensity_classifier_dice(train, test, n_classes, bins=np.linspace(0.0, 1.2, 61)):
-    """Mean foreground Dice on ``test`` of the best per-voxel intensity -> class table fit on ``train`` (both
-    images scaled by their 99th percentile)."""
-    def binned(img):
-        x = img.astype(np.float32)
-        return np.digitize(x / np.percentile(x, 99), bins)
-
-    counts = np.zeros((len(bins) + 1, n_classes))
-    np.add.at(counts, (binned(train.image).ravel(), train.labels.ravel()), 1)
-    pred = counts.argmax(axis=1)[binned(test.image)]
-    dice = [2 * np.sum((pred == k) & (test.labels == k)) / max(np.sum(pred == k) + np.sum(test.labels == k), 1)
-            for k in range(1, n_classes)]
-    return float(np.mean(dice))
-
-
-@needs_mni
-def test_intensity_alone_cannot_solve_the_anatomy_task():
-    """An intensity-only classifier fit on one labelled subject does well on the tissue task and fails on the
-    anatomy task; even fit on the test subject itself (the best any intensity rule can do) it fails."""
-    src = demo_sources.load_source("mni")
-    result = {}
-    for task in ("tissue", "anatomy"):
-        n = len(src.label_names(task))
-        train = _subject(1, 0, task=task, spacing=3.0)
-        tests = [_subject(2, i, task=task, spacing=3.0) for i in range(2)]
-        result[task] = (np.mean([_intensity_classifier_dice(train, t, n) for t in tests]),
-                        np.mean([_intensity_classifier_dice(t, t, n) for t in tests]))
-    assert result["tissue"][0] > 0.6, result
-    assert result["anatomy"][0] < result["tissue"][0] - 0.3, result
-    assert result["anatomy"][1] < 0.45 < result["tissue"][1], result  # the intensity upper bound
-
-
-@needs_mni
-def test_t2_fraction_makes_t2_like_subjects(tmp_path):
-    folder = make_demo_dataset(str(tmp_path), 992, None, "mni", 1, 0, 0, seed=0, spacing=SPACING, t2_fraction=1.0)
-    dj = json.load(open(os.path.join(folder, "dataset.json")))
-    assert dj["channel_names"] == {"0": "MR"} and dj["alice_demo"]["variation"]["t2_fraction"] == 1.0
-    a = _arrays(folder, "imagesTr")["mni_tr000_0000.nii.gz"].astype(float)
-    l = _arrays(folder, "labelsTr")["mni_tr000.nii.gz"]
-    names = LABELS["mni"]
-    csf, gm, wm = (a[l == names[k]].mean() for k in ("ventricles", "frontal_gm", "white_matter"))
-    assert csf > gm > wm  # T2-like: CSF bright, white matter dark
-
-
-def test_task_and_contrast_errors(tmp_path):
-    for kw, msg in ((dict(source="ct", task="anatomy"), "--task tissue"), (dict(task="shape"), "unknown --task"),
-                    (dict(t2_fraction=1.5), "--t2-fraction"), (dict(source="ct", task="tissue", t2_fraction=0.5),
-                                                               "--t2-fraction")):
-        args = dict(output_root=str(tmp_path), spacing=SPACING)
-        args.update(kw)
-        with pytest.raises(AliceError, match=msg):
-            make_demo_dataset(**args)
-    assert os.listdir(tmp_path) == []
-
-
-def test_defaults_anatomy_and_a_large_unlabeled_pool():
-    args = demo_data.build_parser().parse_args([])
-    assert args.num_unlabeled >= 64 and args.task is None
-    assert demo_data.resolve_task("mni", None) == "anatomy" and demo_data.resolve_task("ct", None) == "tissue"
 
 
 @needs_mni
@@ -423,7 +264,7 @@ def test_ct_path_on_a_small_phantom(tmp_path):
     demo_sources._CACHE.clear()
     dj = json.load(open(os.path.join(folder, "dataset.json")))
     assert dj["labels"] == LABELS["ct"] and dj["channel_names"] == {"0": "CT"}
-    a = _arrays(folder, "imagesTr")["ct_tr000_0000.nii.gz"].astype(float)
-    l = _arrays(folder, "labelsTr")["ct_tr000.nii.gz"]
+    a = arrays(folder, "imagesTr")["ct_tr000_0000.nii.gz"].astype(float)
+    l = arrays(folder, "labelsTr")["ct_tr000.nii.gz"]
     assert set(np.unique(l).tolist()) == {0, 1, 2}
     assert a[l == 0].mean() < -500 and -100 < a[l == 1].mean() < 150 and a[l == 2].mean() > 600
