@@ -94,6 +94,9 @@ def test_an_interrupt_stops_every_running_command(fake_env, tmp_path):
             time.sleep(0.05)
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
+    # a shell starts background jobs with SIGINT ignored, and Python then installs no KeyboardInterrupt handler:
+    # give the test the handler an interactive session has
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.time()
     threading.Thread(target=interrupt_when_all_run, daemon=True).start()
     try:
@@ -107,6 +110,7 @@ def test_an_interrupt_stops_every_running_command(fake_env, tmp_path):
         assert rc == 143 and "stopping" in tail
     finally:
         runner_mod.allow_new()
+        signal.signal(signal.SIGINT, previous)
     rc, _ = runner_mod.subprocess_runner([sys.executable, "-c", "pass"], dict(os.environ),
                                          str(tmp_path / "logs" / "after.log"))
     assert rc == 0
