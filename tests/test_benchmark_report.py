@@ -83,3 +83,16 @@ def test_budget_check_warns_when_cells_were_still_learning():
     failed = rows_with([0.05]) + [{"method": "alice", "labels": 1, "seed": 9, "status": "failed", "dice": float("nan"),
                                    "ema_dice_gain": 0.5}]
     assert "+5.0" in bench_report.warnings(failed)[0]  # failed cells do not count
+
+
+def test_report_names_the_seeds_its_rows_hold(tmp_path):
+    """A folder filled by several runs (``--seeds 1``, then ``--seeds 2``) reports over all its finished seeds,
+    not over the last command's."""
+    from nnunet_alice.harness.config import get_budget
+
+    rows = [{"method": "scratch", "labels": 1, "seed": s, "status": "ok", "dice": 0.5 + s / 10} for s in (0, 1, 2)]
+    rows.append({"method": "scratch", "labels": 1, "seed": 5, "status": "failed", "dice": float("nan")})
+    assert bench_report.seeds_of(rows) == [0, 1, 2]
+    bench_report.write_markdown(str(tmp_path / "results.md"), rows, get_budget("tiny", seeds=[2]), "DS")
+    text = (tmp_path / "results.md").read_text()
+    assert "over seeds [0, 1, 2]" in text and "over seeds [2]" not in text

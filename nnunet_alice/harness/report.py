@@ -221,12 +221,18 @@ def recipes_sentence(rows: List[dict]) -> str:
                                    for k, v in by_recipe.items()) + "."
 
 
+def seeds_of(rows: List[dict]) -> List[int]:
+    """The seeds of the finished cells: what the tables average over. A folder can hold cells of several runs
+    (``--seeds 1`` then ``--seeds 2``), so this is not the budget's or the last command's list."""
+    return sorted({int(r["seed"]) for r in rows if r.get("status") == "ok"})
+
+
 def write_markdown(path: str, rows: List[dict], budget, dataset: str) -> None:
     b = budget
     per_seed = getattr(b, "pretrain_per_seed", True)
     text = [f"# alice_benchmark: {dataset}, budget `{b.name}`", "",
             f"Mean foreground Dice on the held-out test cases (nnU-Net's evaluation), × 100, mean ± sd over seeds "
-            f"{list(b.seeds)}.", "", markdown_table(rows), "",
+            f"{seeds_of(rows)} (n per cell below).", "", markdown_table(rows), "",
             f"Budget: pretraining {b.pretrain_steps} steps "
             + ("per arm and seed, each from that seed's initial weights" if per_seed else
                "once per arm, from the initial weights of seed 0, which every cell starts from (the seeds vary the "
@@ -279,7 +285,7 @@ def write_all(out: str, rows: List[dict], budget, dataset: str, plot: bool = Tru
     write_markdown(os.path.join(out, "results.md"), rows, budget, dataset)
     if plot:
         write_plot(os.path.join(out, "results_dice.png"), rows,
-                   f"{dataset}, budget {budget.name} (mean ± sd over {len(budget.seeds)} seeds)")
+                   f"{dataset}, budget {budget.name} (mean ± sd over seeds {seeds_of(rows)})")
 
 
 def read_summary(path: str):
