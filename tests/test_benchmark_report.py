@@ -7,6 +7,7 @@ import pytest
 
 from nnunet_alice.harness import report as bench_report
 from nnunet_alice.harness.cli import read_summary
+from nnunet_alice.harness.config import get_budget
 
 
 def test_read_summary_rejects_other_json(tmp_path):
@@ -88,8 +89,6 @@ def test_budget_check_warns_when_cells_were_still_learning():
 def test_report_names_the_seeds_its_rows_hold(tmp_path):
     """A folder filled by several runs (``--seeds 1``, then ``--seeds 2``) reports over all its finished seeds,
     not over the last command's."""
-    from nnunet_alice.harness.config import get_budget
-
     rows = [{"method": "scratch", "labels": 1, "seed": s, "status": "ok", "dice": 0.5 + s / 10} for s in (0, 1, 2)]
     rows.append({"method": "scratch", "labels": 1, "seed": 5, "status": "failed", "dice": float("nan")})
     assert bench_report.seeds_of(rows) == [0, 1, 2]
