@@ -62,6 +62,31 @@ def test_pretrained_arm_under_nnunets_schedule_shares_the_checkpoint(fake_env):
     assert sentence in Path(b.out, "results.md").read_text()
 
 
+def test_encoder_lr_arms_pass_their_peak_and_schedule(fake_env, monkeypatch):
+    """alice_enclr reuses alice's checkpoint under the encoder-LR trainer at peak 1e-2; scratch_enclr is its
+    from-scratch control; arms without a peak of their own leave the recipe's; results.md names both recipes."""
+    monkeypatch.delenv("nnUNet_alice_lr", raising=False)
+    runner = FakeRunner()
+    b = bench(runner, methods=("scratch", "alice", "alice_enclr", "scratch_enclr"), labels=("1",), seeds=(0,))
+    rows = b.run()
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+    assert [arg(argv, "--seed") for argv, _ in runner.calls if argv[0] == "alice_pretrain"] == ["0"]
+    trains = {cell_method(env): (argv, env) for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
+    for m in ("alice_enclr", "scratch_enclr"):
+        argv, env = trains[m]
+        assert arg(argv, "-tr") == "nnUNetTrainerAlice_encLR_bench"
+        assert (env["nnUNet_alice_lr"], env["nnUNet_alice_bench_recipe"]) == ("0.01", "pretrained")
+    assert trains["alice_enclr"][1]["nnUNet_alice_pretrained"] == trains["alice"][1]["nnUNet_alice_pretrained"]
+    assert trains["scratch_enclr"][1]["nnUNet_alice_pretrained"] == "none"
+    assert "nnUNet_alice_lr" not in trains["alice"][1] and arg(trains["alice"][0], "-tr") == "nnUNetTrainerAlice_bench"
+    sentence = bench_report.recipes_sentence(rows)
+    enclr_part, = (p for p in sentence.split(";") if "`alice_enclr`" in p)
+    assert "peak 0.01" in enclr_part and "encoder at 0.1 x" in enclr_part and "`scratch_enclr`" in enclr_part
+    assert "`alice`" not in enclr_part
+    assert {r["peak_lr"] for r in rows if r["method"].endswith("enclr")} == {0.01}
+    assert sentence in Path(b.out, "results.md").read_text()
+
+
 def test_one_pretraining_per_arm_when_the_budget_says_so(fake_env):
     runner = FakeRunner()
     budget = get_budget("tiny", labels=["1"], seeds=[0, 1, 2], pretrain_per_seed=False)

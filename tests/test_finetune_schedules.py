@@ -245,6 +245,26 @@ def test_nnunet_recipe_is_nnunets_own_schedule(trainer_box, monkeypatch, tmp_pat
     assert lrs == pytest.approx([1e-2 * (1 - e / 3) ** 0.9 for e in (0, 0, 1, 1, 2, 2)])
 
 
+def test_benchmark_encoder_lr_arm_runs_the_decoder_at_the_peak_from_the_environment(trainer_box, monkeypatch,
+                                                                                    tmp_path):
+    """``alice_enclr``'s trainer: per-iteration warm-up + poly at the peak ``nnUNet_alice_lr`` (1e-2) for the
+    decoder, a tenth of it for the encoder, with the budget's run length from the environment."""
+    from nnunet_alice.harness.trainers import nnUNetTrainerAlice_encLR_bench
+
+    box, _ = trainer_box
+    env = {"nnUNet_alice_lr": "0.01", "nnUNet_alice_bench_epochs": "2", "nnUNet_alice_bench_iterations": "3"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    t = make_trainer(nnUNetTrainerAlice_encLR_bench, box, monkeypatch, results=tmp_path / "r")
+    t.initialize()
+    assert (t.initial_lr, t.lr_source, t.total_iterations()) == (1e-2, "nnUNet_alice_lr", 6)
+    trace = lr_trace(t, train=False)
+    w = t.warmup_length()
+    assert [x["decoder"] for x in trace] == pytest.approx([1e-2 * warmup_poly(i, 0, w, 6) for i in range(6)])
+    assert [x["encoder"] for x in trace] == pytest.approx([0.1 * x["decoder"] for x in trace])
+    assert max(x["decoder"] for x in trace) == pytest.approx(1e-2)
+
+
 def test_continue_restores_groups_and_momentum(tiny, trainer_box, monkeypatch, tmp_path):
     box, ckpt = trainer_box
     t = tiny(nnUNetTrainerAlice_frozenEncoder_tiny)

@@ -14,7 +14,8 @@ One command, on any nnU-Net raw dataset (``$nnUNet_raw``)::
    plans, labelled subset and validation cases (one nnU-Net fold per (labels, seed)), trainer seed and budget.
    ``scratch`` is nnU-Net's own schedule (SGD 1e-2, poly per epoch); pretrained arms use the recipe for
    pretrained weights (peak 1e-3, per-iteration warm-up, poly) unless the arm says otherwise (``alice_nnunet``,
-   ``mae_nnunet``: nnU-Net's schedule); ``scratch_recipe`` and ``init0`` are the controls (scratch with that
+   ``mae_nnunet``: nnU-Net's schedule; ``alice_enclr``: the decoder at 1e-2, the encoder at 1e-3);
+   ``scratch_recipe``, ``scratch_enclr`` and ``init0`` are the controls (scratch with that
    recipe; the initial weights loaded like a checkpoint of zero pretraining steps);
 5. predicts the held-out test cases (``imagesTs``/``labelsTs``; without them ``--holdout`` training cases are
    set aside) and evaluates them with nnU-Net's ``nnUNetv2_evaluate_folder``; with ``--probe``, also runs the
@@ -47,6 +48,7 @@ from nnunet_alice.harness.report import _read_json, _write_json, read_summary
 from nnunet_alice.harness.runner import allow_new, stop_all, subprocess_runner
 from nnunet_alice.harness.workspace import BenchSetup, Runner, StepFailed
 from nnunet_alice.harness.steps import probe_available
+from nnunet_alice.trainers.recipe import LR_ENV
 
 SHARED_INIT_SEED = 0  # the draw every cell starts from when pretraining is not repeated per seed
 STEPS = [sys.executable, "-m", "nnunet_alice.harness.steps"]
@@ -157,7 +159,7 @@ class Benchmark(BenchSetup):
         trainer = BENCH_TRAINERS[arm.schedule]
         results = self.results_root(method, n, seed)
         env = self.env(nnUNet_results=results, nnUNet_alice_pretrained=start, nnUNet_alice_load=arm.load_scope,
-                       nnUNet_alice_bench_recipe=arm.recipe,
+                       nnUNet_alice_bench_recipe=arm.recipe, **({} if arm.lr is None else {LR_ENV: f"{arm.lr:g}"}),
                        nnUNet_alice_bench_init=self.init_file(self.init_seed(seed)),
                        nnUNet_alice_bench_epochs=str(b.epochs), nnUNet_alice_bench_iterations=str(b.iterations),
                        nnUNet_alice_bench_val_iterations=str(b.val_iterations), nnUNet_alice_bench_seed=str(seed))
@@ -284,7 +286,7 @@ class Benchmark(BenchSetup):
         cdir, arm = self.cell_dir(method, n, seed), self.arm(method)
         metrics_path = os.path.join(cdir, "metrics.json")
         base = {"method": method, "labels": n, "seed": seed, "fold": fold, "pretrain_s": pre_s,
-                "init_seed": self.init_seed(seed), "recipe": arm.recipe, "load_scope": arm.load_scope
+                "init_seed": self.init_seed(seed), "recipe": arm.recipe, "peak_lr": arm.lr, "load_scope": arm.load_scope
                 if arm.start != "none" else "", "schedule": arm.schedule}
         if os.path.isfile(metrics_path):
             row = {**base, **_read_json(metrics_path), "skipped": True}

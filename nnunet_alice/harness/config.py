@@ -19,7 +19,8 @@ from nnunet_alice.errors import AliceError
 
 TRAINER = "nnUNetTrainerAlice_bench"
 #: schedule -> harness trainer class (``nnunet_alice.harness.trainers``)
-BENCH_TRAINERS = {"default": TRAINER, "sawtooth": "nnUNetTrainerAlice_sawtooth_bench"}
+BENCH_TRAINERS = {"default": TRAINER, "sawtooth": "nnUNetTrainerAlice_sawtooth_bench",
+                  "encLR": "nnUNetTrainerAlice_encLR_bench"}
 CONFIGURATION = "3d_fullres"
 #: written by the harness trainers next to checkpoint_final.pth (``nnunet_alice.harness.trainers``)
 CURVE_FILE = "learning_curve.json"
@@ -36,7 +37,8 @@ class Arm:
     (``pretrained``: the arm's checkpoint, ``init``: the initial weights file itself, i.e. zero pretraining
     steps through the same loading path, ``none``: nothing); ``recipe``: ``pretrained`` (peak 1e-3,
     per-iteration warm-up, poly) or ``nnunet`` (nnU-Net's own schedule, SGD 1e-2); ``load_scope``: ``encoder``
-    or ``all``; ``schedule``: ``default`` or ``sawtooth``.
+    or ``all``; ``schedule``: ``default``, ``sawtooth`` or ``encLR`` (the encoder at 0.1 x the decoder's rate);
+    ``lr``: the peak learning rate of the ``pretrained`` recipe (``None``: the recipe's, 1e-3).
     """
 
     pretrain: Optional[List[str]] = None
@@ -45,6 +47,7 @@ class Arm:
     recipe: str = "pretrained"
     load_scope: str = "encoder"
     schedule: str = "default"
+    lr: Optional[float] = None
 
     @property
     def pretrained(self) -> bool:
@@ -63,6 +66,9 @@ METHODS: Dict[str, Arm] = {
     "alice_all": _pre(shares="alice", load_scope="all"),   # the alice checkpoint, encoder + decoder loaded
     "alice_sawtooth": _pre(shares="alice", schedule="sawtooth"),
     "alice_nnunet": _pre(shares="alice", recipe="nnunet"),  # the alice checkpoint under nnU-Net's own schedule
+    # the decoder at nnU-Net's rate, the pretrained encoder at a tenth of it (warm-up + poly per iteration)
+    "alice_enclr": _pre(shares="alice", schedule="encLR", lr=1e-2),
+    "scratch_enclr": Arm(start="none", schedule="encLR", lr=1e-2),  # control: the same schedule from scratch
     "mae": _pre("--objective", "mae"),
     "mae_all": _pre(shares="mae", load_scope="all"),
     "mae_nnunet": _pre(shares="mae", recipe="nnunet"),

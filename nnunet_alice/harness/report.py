@@ -15,7 +15,7 @@ from typing import Dict, List
 import numpy as np
 
 CSV_COLUMNS = ["method", "labels", "seed", "fold", "status", "dice", "per_class_dice", "probe_dice", "probe_features",
-               "recipe", "load_scope", "schedule", "init_seed", "wall_s", "train_s", "predict_s", "eval_s",
+               "recipe", "peak_lr", "load_scope", "schedule", "init_seed", "wall_s", "train_s", "predict_s", "eval_s",
                "pretrain_s", "ema_dice_end", "ema_dice_gain", "num_test", "error"]
 BASELINE = "scratch"
 CONVERGENCE_MARGIN = 0.02  # 2 Dice points
@@ -208,17 +208,29 @@ def warnings(rows: List[dict], baseline: str = BASELINE, margin: float = CONVERG
 
 RECIPE_TEXT = {"nnunet": "nnU-Net's own schedule (SGD 1e-2, poly per epoch)",
                "pretrained": "the recipe for pretrained weights (SGD peak 1e-3, per-iteration linear warm-up, poly)"}
+SCHEDULE_TEXT = {"sawtooth": "sawtooth: decoder only first", "encLR": "encoder at 0.1 x the decoder's rate"}
+
+
+def recipe_text(row: dict) -> str:
+    """How a row's cell was fine-tuned, in words: its recipe, peak learning rate and schedule."""
+    recipe, lr, schedule = str(row.get("recipe") or "unknown"), row.get("peak_lr"), row.get("schedule") or "default"
+    text = RECIPE_TEXT.get(recipe, recipe)
+    if recipe == "pretrained" and lr not in (None, ""):
+        text = text.replace("peak 1e-3", f"peak {float(lr):g}")
+    if schedule != "default":
+        text = f"{text[:-1]}, {SCHEDULE_TEXT.get(schedule, schedule)})" if text.endswith(")") else \
+            f"{text} ({SCHEDULE_TEXT.get(schedule, schedule)})"
+    return text
 
 
 def recipes_sentence(rows: List[dict]) -> str:
     """Which arms trained with which recipe, from the rows themselves (so the text cannot drift from the runs)."""
     by_recipe: Dict[str, List[str]] = {}
     for r in sorted(rows, key=_order_key):
-        names = by_recipe.setdefault(str(r.get("recipe") or "unknown"), [])
+        names = by_recipe.setdefault(recipe_text(r), [])
         if r["method"] not in names:
             names.append(r["method"])
-    return "Recipes: " + "; ".join(f"{RECIPE_TEXT.get(k, k)}: " + ", ".join(f"`{m}`" for m in v)
-                                   for k, v in by_recipe.items()) + "."
+    return "Recipes: " + "; ".join(f"{k}: " + ", ".join(f"`{m}`" for m in v) for k, v in by_recipe.items()) + "."
 
 
 def seeds_of(rows: List[dict]) -> List[int]:

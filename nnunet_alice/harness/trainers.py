@@ -1,5 +1,5 @@
-"""Trainers used by ``alice_benchmark``: ``nnUNetTrainerAlice`` (and its sawtooth variant) with a budget, a seed,
-a recipe and initial weights set from the environment.
+"""Trainers used by ``alice_benchmark``: ``nnUNetTrainerAlice`` (and its sawtooth and encoder-LR variants) with a
+budget, a seed, a recipe and initial weights set from the environment.
 
 Harness-only. nnU-Net builds trainers from a class name, so a benchmark with budget-dependent run lengths would
 need one class per budget; instead these classes read their settings in ``__init__`` (``nnUNetv2_predict`` does
@@ -38,7 +38,7 @@ from nnunet_alice.env import getenv
 from nnunet_alice.errors import AliceError
 from nnunet_alice.harness.config import CURVE_FILE
 from nnunet_alice.trainers.alice import NNUNET, PRETRAINED, nnUNetTrainerAlice
-from nnunet_alice.trainers.variants import _SawtoothMixin
+from nnunet_alice.trainers.variants import _EncoderLRMixin, _SawtoothMixin
 
 ENV_EPOCHS = "nnUNet_alice_bench_epochs"
 ENV_ITERATIONS = "nnUNet_alice_bench_iterations"
@@ -139,3 +139,7 @@ class nnUNetTrainerAlice_bench(_BenchMixin, nnUNetTrainerAlice):
 class nnUNetTrainerAlice_sawtooth_bench(_BenchMixin, _SawtoothMixin, nnUNetTrainerAlice):
     """``nnUNetTrainerAlice_sawtooth`` with the ``nnUNet_alice_bench_*`` settings."""
 
+
+
+class nnUNetTrainerAlice_encLR_bench(_BenchMixin, _EncoderLRMixin, nnUNetTrainerAlice):
+    """``nnUNetTrainerAlice_encLR`` with the ``nnUNet_alice_bench_*`` settings."""
