@@ -95,3 +95,37 @@ def test_report_names_the_seeds_its_rows_hold(tmp_path):
     bench_report.write_markdown(str(tmp_path / "results.md"), rows, get_budget("tiny", seeds=[2]), "DS")
     text = (tmp_path / "results.md").read_text()
     assert "over seeds [0, 1, 2]" in text and "over seeds [2]" not in text
+
+
+def test_report_pairs_every_arm_with_each_versus_arm(tmp_path, monkeypatch):
+    """``--versus mae``: a second table of paired differences, every arm minus MAE on the seeds both finished;
+    ``--report`` writes it from the cells on disk."""
+    from nnunet_alice.harness.cli import main
+
+    table = {0: (0.60, 0.70, 0.64), 1: (0.50, 0.52, 0.51), 2: (0.66, 0.65, 0.61)}  # seed: scratch, alice, mae
+    rows = [{"method": m, "labels": 1, "seed": s, "fold": s, "status": "ok", "dice": d}
+            for s, dice in table.items() for m, d in zip(("scratch", "alice", "mae"), dice)]
+    rows.append({"method": "alice", "labels": 1, "seed": 3, "fold": 3, "status": "ok", "dice": 0.9})  # no MAE pair
+    text = bench_report.markdown_table(rows, versus=["mae"])
+    assert text.count("Paired difference to ") == 2 and "Paired difference to mae " in text
+    versus_mae = text.split("Paired difference to mae ")[1].split("\n\n")[1]
+    alice_line, = (line for line in versus_mae.splitlines() if line.startswith("| alice |"))
+    mean, half, n = bench_report.paired_ci([6.0, 1.0, 4.0])
+    assert n == 3 and f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] (n=3)" in alice_line
+    scratch_line, = (line for line in versus_mae.splitlines() if line.startswith("| scratch |"))
+    assert f"{(-4 - 1 + 5) / 3:+.1f} [" in scratch_line
+    assert "Paired difference to mae" not in bench_report.markdown_table(rows)
+
+    out = tmp_path / "bench"
+    for r in rows:
+        cell = out / "cells" / r["method"] / f"n1_s{r['seed']}"
+        cell.mkdir(parents=True)
+        (cell / "metrics.json").write_text(json.dumps(r))
+    raw = tmp_path / "raw" / "Dataset993_Report"
+    raw.mkdir(parents=True)
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "labels": {"background": 0, "a": 1},
+                                                  "numTraining": 0, "file_ending": ".nii.gz"}))
+    for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+        monkeypatch.setenv(k, str(tmp_path / ("raw" if k == "nnUNet_raw" else k)))
+    assert main(["-d", "993", "--budget", "tiny", "--report", "--versus", "mae", "-o", str(out)]) == 0
+    assert "Paired difference to mae " in (out / "results.md").read_text()

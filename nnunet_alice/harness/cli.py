@@ -63,8 +63,10 @@ __all__ = ["Benchmark", "StepFailed", "read_summary", "main"]
 class Benchmark(BenchSetup):
     def __init__(self, dataset: str, budget: Budget, output: Optional[str] = None,
                  methods: Optional[Sequence[str]] = None, demo: bool = False, holdout: int = 0,
-                 runner: Runner = subprocess_runner, echo=print, probe: bool = False, jobs: int = 1):
+                 runner: Runner = subprocess_runner, echo=print, probe: bool = False, jobs: int = 1,
+                 versus: Sequence[str] = ()):
         super().__init__(dataset, budget, output, demo, holdout, runner, echo)
+        self.versus = list(versus)  # arms the report also pairs every arm with, besides scratch
         self.arms = resolve_arms(list(methods or budget.methods))
         self.methods = list(self.arms)
         self.probe = bool(probe)
@@ -235,12 +237,13 @@ class Benchmark(BenchSetup):
                 row = self._cell(method, n, seed, folds[(n, seed)], *starts[method])
                 with self._lock:
                     finished.append(row)
-                    bench_report.write_all(self.out, finished, self.budget, self.dataset_name, plot=False)
+                    bench_report.write_all(self.out, finished, self.budget, self.dataset_name, plot=False,
+                                           versus=self.versus)
                 return row
             rows += self._map(cell, [(method, n) for n in counts for method in self.methods])
         # the tables cover every cell of this folder, also those of earlier runs with other labels/seeds/methods
         all_rows = bench_report.collect(self.out)
-        bench_report.write_all(self.out, all_rows, self.budget, self.dataset_name)
+        bench_report.write_all(self.out, all_rows, self.budget, self.dataset_name, versus=self.versus)
         for line in bench_report.warnings(all_rows):
             self.echo(f"# WARNING: {line}")
         total = time.time() - t_start
@@ -355,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(encoder features; scratch: the initial weights)")
     p.add_argument("-o", "--output", help="benchmark folder (default $nnUNet_results/alice_benchmark/"
                                           "<Dataset>__<budget>)")
+    p.add_argument("--versus", nargs="+", default=[], metavar="ARM",
+                   help="also tabulate every arm's paired differences to these arms, e.g. mae_nnunet")
     p.add_argument("--report", action="store_true", help="only rewrite the CSV/markdown/plot from finished cells")
     return p
 
@@ -367,16 +372,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                         iterations=a.iterations, val_iterations=a.val_iterations, patch_size=a.patch_size,
                         device=a.device, pretrain_per_seed=a.pretrain_per_seed)
     bench = Benchmark(a.dataset, budget, a.output, a.methods, a.demo, a.holdout,
-                      echo=lambda s: print(s, flush=True), probe=a.probe, jobs=a.jobs)
+                      echo=lambda s: print(s, flush=True), probe=a.probe, jobs=a.jobs, versus=a.versus)
     if a.report:
         rows = bench_report.collect(bench.out)
-        bench_report.write_all(bench.out, rows, budget, bench.dataset_name)
+        bench_report.write_all(bench.out, rows, budget, bench.dataset_name, versus=a.versus)
     else:
         try:
             rows = bench.run()
         except StepFailed as e:  # dataset, fingerprint, plan or preprocessing: nothing to run without them
             raise AliceError(f"alice_benchmark: {e.one_line()}") from None
-    print(bench_report.markdown_table(rows), flush=True)
+    print(bench_report.markdown_table(rows, a.versus), flush=True)
     failed = sum(r.get("status") != "ok" for r in rows)
     if failed:
         print(f"{failed} cell(s) failed; see status/error in {os.path.join(bench.out, 'results.csv')}",

@@ -10,7 +10,7 @@ import glob
 import json
 import math
 import os
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import numpy as np
 
@@ -72,8 +72,9 @@ def aggregate(rows: List[dict]) -> Dict[str, Dict[int, dict]]:
     return out
 
 
-def markdown_table(rows: List[dict]) -> str:
-    """Mean foreground Dice (×100) ± sd over seeds, per method and number of labelled cases."""
+def markdown_table(rows: List[dict], versus: Sequence[str] = ()) -> str:
+    """Mean foreground Dice (×100) ± sd over seeds, per method and number of labelled cases; then the paired
+    differences to scratch and to each arm in ``versus``; the probe Dice; the warnings."""
     agg = aggregate(rows)
     if not agg:
         return "(no results)"
@@ -92,22 +93,8 @@ def markdown_table(rows: List[dict]) -> str:
                 text += f", {c['failed']} failed"
             cells.append(text)
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    diffs = paired_differences(rows)
-    if diffs:
-        lines += ["", f"Paired difference to {BASELINE} (same labelled subset, initial weights and seed), Dice points: "
-                      "mean [95 % CI over seeds] (n seeds):", "",
-                  "| method | " + " | ".join(f"{n} labelled" for n in counts) + " |", "|---|" + "---|" * len(counts)]
-        for method, per in diffs.items():
-            cells = []
-            for n in counts:
-                d = per.get(n)
-                if not d:
-                    cells.append("")
-                    continue
-                mean, half, k = paired_ci(d)
-                cells.append(f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] (n={k})" if k > 1
-                             else f"{mean:+.1f} (n=1)")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    for baseline in dict.fromkeys([BASELINE, *versus]):
+        lines += paired_table(rows, baseline, counts)
     probes = {(r["method"], int(r["labels"])): [] for r in rows if _finite(r.get("probe_dice"))}
     if probes:
         for r in rows:
@@ -125,6 +112,24 @@ def markdown_table(rows: List[dict]) -> str:
     if notes:
         lines += [""] + [f"**Warning:** {w}" for w in notes]
     return "\n".join(lines)
+
+
+def paired_table(rows: List[dict], baseline: str, counts: List[int]) -> List[str]:
+    """Lines of the table of paired differences ``method - baseline`` (none when no method pairs with it)."""
+    diffs = paired_differences(rows, baseline)
+    if not diffs:
+        return []
+    lines = ["", f"Paired difference to {baseline} (same labelled subset, initial weights and seed), Dice points: "
+                 "mean [95 % CI over seeds] (n seeds):", "",
+             "| method | " + " | ".join(f"{n} labelled" for n in counts) + " |", "|---|" + "---|" * len(counts)]
+    for method, per in diffs.items():
+        cells = []
+        for n in counts:
+            mean, half, k = paired_ci(per.get(n, []))
+            cells.append("" if not k else f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] (n={k})" if k > 1
+                         else f"{mean:+.1f} (n=1)")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _finite(v) -> bool:
@@ -239,12 +244,12 @@ def seeds_of(rows: List[dict]) -> List[int]:
     return sorted({int(r["seed"]) for r in rows if r.get("status") == "ok"})
 
 
-def write_markdown(path: str, rows: List[dict], budget, dataset: str) -> None:
+def write_markdown(path: str, rows: List[dict], budget, dataset: str, versus: Sequence[str] = ()) -> None:
     b = budget
     per_seed = getattr(b, "pretrain_per_seed", True)
     text = [f"# alice_benchmark: {dataset}, budget `{b.name}`", "",
             f"Mean foreground Dice on the held-out test cases (nnU-Net's evaluation), × 100, mean ± sd over seeds "
-            f"{seeds_of(rows)} (n per cell below).", "", markdown_table(rows), "",
+            f"{seeds_of(rows)} (n per cell below).", "", markdown_table(rows, versus), "",
             f"Budget: pretraining {b.pretrain_steps} steps "
             + ("per arm and seed, each from that seed's initial weights" if per_seed else
                "once per arm, from the initial weights of seed 0, which every cell starts from (the seeds vary the "
@@ -292,9 +297,9 @@ def write_plot(path: str, rows: List[dict], title: str = "") -> bool:
     return True
 
 
-def write_all(out: str, rows: List[dict], budget, dataset: str, plot: bool = True) -> None:
+def write_all(out: str, rows: List[dict], budget, dataset: str, plot: bool = True, versus: Sequence[str] = ()) -> None:
     write_csv(os.path.join(out, "results.csv"), rows)
-    write_markdown(os.path.join(out, "results.md"), rows, budget, dataset)
+    write_markdown(os.path.join(out, "results.md"), rows, budget, dataset, versus)
     if plot:
         write_plot(os.path.join(out, "results_dice.png"), rows,
                    f"{dataset}, budget {budget.name} (mean ± sd over seeds {seeds_of(rows)})")
