@@ -115,6 +115,7 @@ def test_report_pairs_every_arm_with_each_versus_arm(tmp_path, monkeypatch):
     scratch_line, = (line for line in versus_mae.splitlines() if line.startswith("| scratch |"))
     assert f"{(-4 - 1 + 5) / 3:+.1f} [" in scratch_line
     assert "Paired difference to mae" not in bench_report.markdown_table(rows)
+    assert "no finished cells of mae_nnunet" in bench_report.markdown_table(rows, versus=["mae_nnunet"])
 
     out = tmp_path / "bench"
     for r in rows:

@@ -118,7 +118,9 @@ def paired_table(rows: List[dict], baseline: str, counts: List[int]) -> List[str
     """Lines of the table of paired differences ``method - baseline`` (none when no method pairs with it)."""
     diffs = paired_differences(rows, baseline)
     if not diffs:
-        return []
+        if baseline == BASELINE or any(r["method"] == baseline and r.get("status") == "ok" for r in rows):
+            return []
+        return ["", f"Paired difference to {baseline}: no finished cells of {baseline} in this folder."]
     lines = ["", f"Paired difference to {baseline} (same labelled subset, initial weights and seed), Dice points: "
                  "mean [95 % CI over seeds] (n seeds):", "",
              "| method | " + " | ".join(f"{n} labelled" for n in counts) + " |", "|---|" + "---|" * len(counts)]
