@@ -213,21 +213,22 @@ def warnings(rows: List[dict], baseline: str = BASELINE, margin: float = CONVERG
             f"efficiency; train longer (--epochs/--iterations)"] + out
 
 
-RECIPE_TEXT = {"nnunet": "nnU-Net's own schedule (SGD 1e-2, poly per epoch)",
-               "pretrained": "the recipe for pretrained weights (SGD peak 1e-3, per-iteration linear warm-up, poly)"}
+#: recipe -> (name, settings); the pretrained recipe's peak comes from the row (``{peak}``)
+RECIPE_TEXT = {"nnunet": ("nnU-Net's own schedule", ["SGD 1e-2", "poly per epoch"]),
+               "pretrained": ("the recipe for pretrained weights",
+                              ["SGD peak {peak}", "per-iteration linear warm-up", "poly"])}
 SCHEDULE_TEXT = {"sawtooth": "sawtooth: decoder only first", "encLR": "encoder at 0.1 x the decoder's rate"}
 
 
 def recipe_text(row: dict) -> str:
     """How a row's cell was fine-tuned, in words: its recipe, peak learning rate and schedule."""
     recipe, lr, schedule = str(row.get("recipe") or "unknown"), row.get("peak_lr"), row.get("schedule") or "default"
-    text = RECIPE_TEXT.get(recipe, recipe)
-    if recipe == "pretrained" and lr not in (None, ""):
-        text = text.replace("peak 1e-3", f"peak {float(lr):g}")
+    name, settings = RECIPE_TEXT.get(recipe, (recipe, []))
+    peak = f"{float(lr):g}" if lr not in (None, "") else "1e-3"  # the recipe's default (trainers.recipe)
+    parts = [x.format(peak=peak) for x in settings]
     if schedule != "default":
-        text = f"{text[:-1]}, {SCHEDULE_TEXT.get(schedule, schedule)})" if text.endswith(")") else \
-            f"{text} ({SCHEDULE_TEXT.get(schedule, schedule)})"
-    return text
+        parts.append(SCHEDULE_TEXT.get(schedule, schedule))
+    return f"{name} ({', '.join(parts)})" if parts else name
 
 
 def recipes_sentence(rows: List[dict]) -> str:

@@ -140,6 +140,5 @@ class nnUNetTrainerAlice_sawtooth_bench(_BenchMixin, _SawtoothMixin, nnUNetTrain
     """``nnUNetTrainerAlice_sawtooth`` with the ``nnUNet_alice_bench_*`` settings."""
 
 
-
 class nnUNetTrainerAlice_encLR_bench(_BenchMixin, _EncoderLRMixin, nnUNetTrainerAlice):
     """``nnUNetTrainerAlice_encLR`` with the ``nnUNet_alice_bench_*`` settings."""
