@@ -68,6 +68,7 @@ def test_learning_tail_reads_the_trainers_curve(tmp_path):
     assert json.loads(open(path).read())["train_losses"] == [1.0] * 10
     tail = bench_report.learning_tail(path)
     assert tail["ema_dice_end"] == pytest.approx(0.55) and tail["ema_dice_gain"] == pytest.approx(0.10, abs=1e-6)
+    assert tail["ema_dice_third"] == pytest.approx(0.20)  # epoch 3 of 10: the value when the first third ended
     assert bench_report.learning_tail(str(tmp_path / "missing.json")) == {}
     (tmp_path / "one.json").write_text(json.dumps({"ema_fg_dice": [0.3]}))
     assert bench_report.learning_tail(str(tmp_path / "one.json")) == {"ema_dice_end": 0.3}  # no rise to measure
@@ -130,3 +131,22 @@ def test_report_pairs_every_arm_with_each_versus_arm(tmp_path, monkeypatch):
         monkeypatch.setenv(k, str(tmp_path / ("raw" if k == "nnUNet_raw" else k)))
     assert main(["-d", "993", "--budget", "tiny", "--report", "--versus", "mae", "-o", str(out)]) == 0
     assert "Paired difference to mae " in (out / "results.md").read_text()
+
+
+def test_report_pairs_the_speed_of_each_start_with_scratch():
+    """The speed table: paired differences of the EMA pseudo-Dice after the first third of the epochs, only on the
+    pairs that have it, and no table when no row has it."""
+    table = {0: (0.30, 0.40), 1: (0.35, 0.33), 2: (0.20, 0.29)}  # seed: early EMA of scratch, alice
+    rows = [{"method": m, "labels": 1, "seed": s, "status": "ok", "dice": 0.5, "ema_dice_third": e}
+            for s, early in table.items() for m, e in zip(("scratch", "alice"), early)]
+    rows.append({"method": "alice", "labels": 1, "seed": 3, "status": "ok", "dice": 0.5})  # an older cell: no curve
+    rows.append({"method": "scratch", "labels": 1, "seed": 3, "status": "ok", "dice": 0.5})
+    assert bench_report.paired_differences(rows, key="ema_dice_third")["alice"][1] == pytest.approx([10.0, -2.0, 9.0])
+    text = bench_report.markdown_table(rows)
+    speed = text.split("Paired difference in speed")[1].split("\n\n")[1]
+    alice_line, = (line for line in speed.splitlines() if line.startswith("| alice |"))
+    mean, half, n = bench_report.paired_ci([10.0, -2.0, 9.0])
+    assert f"{mean:+.1f} [{mean - half:+.1f}, {mean + half:+.1f}] (n=3)" in alice_line
+    assert "+0.0 [+0.0, +0.0] (n=4)" in text.split("Paired difference in speed")[0]  # Dice: all four pairs
+    assert "in speed" not in bench_report.markdown_table([{k: v for k, v in r.items() if k != "ema_dice_third"}
+                                                           for r in rows])

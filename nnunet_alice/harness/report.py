@@ -16,9 +16,11 @@ import numpy as np
 
 CSV_COLUMNS = ["method", "labels", "seed", "fold", "status", "dice", "per_class_dice", "probe_dice", "probe_features",
                "recipe", "peak_lr", "load_scope", "schedule", "init_seed", "wall_s", "train_s", "predict_s", "eval_s",
-               "pretrain_s", "ema_dice_end", "ema_dice_gain", "num_test", "error"]
+               "pretrain_s", "ema_dice_third", "ema_dice_end", "ema_dice_gain", "num_test", "error"]
 BASELINE = "scratch"
 CONVERGENCE_MARGIN = 0.02  # 2 Dice points
+SPEED_TEXT = (" in speed (nnU-Net's EMA pseudo-Dice on the fold's validation cases when the first third of the "
+              "epochs ended)")
 STILL_LEARNING = 0.02      # median rise of the EMA pseudo-Dice over the last fifth of training that flags the budget
 
 
@@ -95,6 +97,7 @@ def markdown_table(rows: List[dict], versus: Sequence[str] = ()) -> str:
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     for baseline in dict.fromkeys([BASELINE, *versus]):
         lines += paired_table(rows, baseline, counts)
+    lines += paired_table(rows, BASELINE, counts, "ema_dice_third", SPEED_TEXT)
     probes = {(r["method"], int(r["labels"])): [] for r in rows if _finite(r.get("probe_dice"))}
     if probes:
         for r in rows:
@@ -114,15 +117,18 @@ def markdown_table(rows: List[dict], versus: Sequence[str] = ()) -> str:
     return "\n".join(lines)
 
 
-def paired_table(rows: List[dict], baseline: str, counts: List[int]) -> List[str]:
-    """Lines of the table of paired differences ``method - baseline`` (none when no method pairs with it)."""
-    diffs = paired_differences(rows, baseline)
+def paired_table(rows: List[dict], baseline: str, counts: List[int], key: str = "dice",
+                 what: str = "") -> List[str]:
+    """Lines of the table of paired differences ``method - baseline`` of the row field ``key`` (test Dice unless
+    told; ``what`` names another field in the title); none when no method pairs with the baseline."""
+    diffs = paired_differences(rows, baseline, key)
     if not diffs:
-        if baseline == BASELINE or any(r["method"] == baseline and r.get("status") == "ok" for r in rows):
+        if key != "dice" or baseline == BASELINE or any(
+                r["method"] == baseline and r.get("status") == "ok" for r in rows):
             return []
         return ["", f"Paired difference to {baseline}: no finished cells of {baseline} in this folder."]
-    lines = ["", f"Paired difference to {baseline} (same labelled subset, initial weights and seed), Dice points: "
-                 "mean [95 % CI over seeds] (n seeds):", "",
+    lines = ["", f"Paired difference{what} to {baseline} (same labelled subset, initial weights and seed), "
+                 "Dice points: mean [95 % CI over seeds] (n seeds):", "",
              "| method | " + " | ".join(f"{n} labelled" for n in counts) + " |", "|---|" + "---|" * len(counts)]
     for method, per in diffs.items():
         cells = []
@@ -159,10 +165,12 @@ def paired_ci(diffs, level: float = 0.95):
     return float(d.mean()), t_quantile(n - 1, level) * float(d.std(ddof=1)) / math.sqrt(n), n
 
 
-def paired_differences(rows: List[dict], baseline: str = BASELINE) -> Dict[str, Dict[int, List[float]]]:
-    """method -> labels -> [Dice points (method - baseline), one per seed where both cells are ok]."""
-    ok = {(r["method"], int(r["labels"]), int(r["seed"])): 100 * float(r["dice"]) for r in rows
-          if r.get("status") == "ok"}
+def paired_differences(rows: List[dict], baseline: str = BASELINE,
+                       key: str = "dice") -> Dict[str, Dict[int, List[float]]]:
+    """method -> labels -> [Dice points (method - baseline) of the row field ``key``, one per seed where both cells
+    are ok and have it]."""
+    ok = {(r["method"], int(r["labels"]), int(r["seed"])): 100 * float(r[key]) for r in rows
+          if r.get("status") == "ok" and _finite(r.get(key))}
     out: Dict[str, Dict[int, List[float]]] = {}
     for (m, n, s), v in ok.items():  # methods in the order of the rows, seeds in the order of the rows
         if m != baseline and (baseline, n, s) in ok:
@@ -171,8 +179,9 @@ def paired_differences(rows: List[dict], baseline: str = BASELINE) -> Dict[str, 
 
 
 def learning_tail(curve_path: str) -> dict:
-    """From a cell's ``learning_curve.json``: nnU-Net's EMA pseudo-Dice at the last epoch (``ema_dice_end``) and its
-    rise over the last fifth of the epochs (``ema_dice_gain``, from 2 epochs on); empty without the file."""
+    """From a cell's ``learning_curve.json``: nnU-Net's EMA pseudo-Dice at the last epoch (``ema_dice_end``), its
+    rise over the last fifth of the epochs (``ema_dice_gain``, from 2 epochs on) and its value when the first third
+    of the epochs ended (``ema_dice_third``, from 3 epochs on: how fast a start learns); empty without the file."""
     data = _read_json(curve_path)
     values = data.get("ema_fg_dice") if isinstance(data, dict) else None
     try:
@@ -184,7 +193,10 @@ def learning_tail(curve_path: str) -> dict:
     if len(ema) < 2:
         return {"ema_dice_end": ema[-1]}
     back = max(1, len(ema) // 5)
-    return {"ema_dice_end": ema[-1], "ema_dice_gain": ema[-1] - ema[-1 - back]}
+    tail = {"ema_dice_end": ema[-1], "ema_dice_gain": ema[-1] - ema[-1 - back]}
+    if len(ema) >= 3:
+        tail["ema_dice_third"] = ema[len(ema) // 3 - 1]
+    return tail
 
 
 def warnings(rows: List[dict], baseline: str = BASELINE, margin: float = CONVERGENCE_MARGIN,
