@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -129,8 +130,19 @@ def test_report_pairs_every_arm_with_each_versus_arm(tmp_path, monkeypatch):
                                                   "numTraining": 0, "file_ending": ".nii.gz"}))
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(k, str(tmp_path / ("raw" if k == "nnUNet_raw" else k)))
+    from nnunet_alice.harness.cli import Benchmark
+
+    bench = Benchmark("993", get_budget("tiny"), str(out), ["scratch", "alice"])
+    for m, ema in (("scratch", [.1, .2, .3, .3, .3, .3]), ("alice", [.1, .5, .6, .6, .6, .6])):  # older cells
+        folder = bench.fold_dir(m, 1, 0, 0)
+        os.makedirs(folder)
+        with open(os.path.join(folder, "learning_curve.json"), "w") as f:
+            json.dump({"ema_fg_dice": ema}, f)
     assert main(["-d", "993", "--budget", "tiny", "--report", "--versus", "mae", "-o", str(out)]) == 0
-    assert "Paired difference to mae " in (out / "results.md").read_text()
+    text = (out / "results.md").read_text()
+    assert "Paired difference to mae " in text
+    speed = text.split("Paired difference in speed")[1]
+    assert "| alice | +30.0 (n=1) |" in speed  # one pair: epoch 2 of 6 ended the first third
 
 
 def test_report_pairs_the_speed_of_each_start_with_scratch():
