@@ -10,6 +10,7 @@ import glob
 import json
 import math
 import os
+import textwrap
 from typing import Dict, List, Sequence
 
 import numpy as np
@@ -302,7 +303,7 @@ def write_plot(path: str, rows: List[dict], title: str = "") -> bool:
     ax.set_xticklabels([str(n) for n in all_n])
     ax.set_xlabel("labelled training cases")
     ax.set_ylabel("mean foreground Dice (× 100)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)  # a long list of seeds must not run off the figure
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
