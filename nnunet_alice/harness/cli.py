@@ -155,14 +155,20 @@ class Benchmark(BenchSetup):
         return os.path.join(self.results_root(method, n, seed), self.dataset_name,
                             f"{trainer}__{self.plans}__{CONFIGURATION}", f"fold_{fold}")
 
+    def missing_curve(self, row: dict) -> dict:
+        """The learning-curve fields (``report.learning_tail``) of a finished cell that an older version of the
+        harness wrote without them, read from the curve on disk; empty when the row has them or is no such cell."""
+        if "ema_dice_third" in row or row.get("fold") is None or row["method"] not in {**METHODS, **self.arms}:
+            return {}
+        fold = self.fold_dir(row["method"], int(row["labels"]), int(row["seed"]), int(row["fold"]))
+        return bench_report.learning_tail(os.path.join(fold, CURVE_FILE))
+
     def collect(self) -> List[dict]:
-        """Every cell of this folder (``report.collect``); a finished cell that an older version of the harness
-        wrote without the speed of its learning curve gets it from the curve on disk."""
-        rows, known = bench_report.collect(self.out), {**METHODS, **self.arms}
+        """Every cell of this folder (``report.collect``), older finished cells with their learning-curve fields."""
+        rows = bench_report.collect(self.out)
         for r in rows:
-            if r.get("status") == "ok" and "ema_dice_third" not in r and r["method"] in known:
-                fold = self.fold_dir(r["method"], int(r["labels"]), int(r["seed"]), int(r.get("fold", -1)))
-                r.update(bench_report.learning_tail(os.path.join(fold, CURVE_FILE)))
+            if r.get("status") == "ok":
+                r.update(self.missing_curve(r))
         return rows
 
     def run_cell(self, method: str, n: int, seed: int, fold: int, start: str) -> dict:
@@ -303,8 +309,7 @@ class Benchmark(BenchSetup):
                 if arm.start != "none" else "", "schedule": arm.schedule}
         if os.path.isfile(metrics_path):
             row = {**base, **_read_json(metrics_path), "skipped": True}
-            extra = {} if "ema_dice_third" in row else bench_report.learning_tail(
-                os.path.join(self.fold_dir(method, n, seed, fold), CURVE_FILE))  # a cell finished by an older run
+            extra = self.missing_curve(row)  # a cell finished by an older run
             if self.probe and row.get("probe_features") != PROBE_FEATURES:
                 extra.update(self._probe(method, n, seed, start))
             if extra:
