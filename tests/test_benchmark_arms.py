@@ -183,3 +183,19 @@ def test_probe_step_calls_the_probe_interface(tmp_path, monkeypatch):
                              "--labels", "2", "--seed", "1", "-o", str(out)]) == 0
     assert calls[0][0] == ("993", "3d_fullres", "P", "ck.pth", 2, 1) and calls[0][1]["features"] == "decoder"
     assert json.loads(out.read_text()) == {"mean_dice": 0.42, "dice": {"1": 0.4}}  # plain values only
+
+
+def test_norecon_ablation_arm_pretrains_without_reconstruction(fake_env):
+    """``alice_norecon_nnunet``: the ablation of the long budget pretrains once with ``--no-recon`` (under the
+    ``alice_norecon`` name, so a later ``alice_norecon`` arm reuses it) and fine-tunes under nnU-Net's schedule."""
+    runner = FakeRunner()
+    budget = get_budget("long", labels=["1"], seeds=[0, 1])
+    b = Benchmark("993", budget, methods=["alice_norecon_nnunet"], runner=runner, echo=lambda s: None)
+    rows = b.run()
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    pre = [argv for argv, _ in runner.calls if argv[0] == "alice_pretrain"]
+    assert len(pre) == 1 and "--no-recon" in pre[0] and "--objective" not in pre[0]
+    assert b.pretrain_key("alice_norecon_nnunet") == "alice_norecon"
+    trains = [env for argv, env in runner.calls if argv[0] == "nnUNetv2_train"]
+    assert {e["nnUNet_alice_bench_recipe"] for e in trains} == {"nnunet"}
+    assert all(e["nnUNet_alice_pretrained"] != "none" for e in trains)

@@ -75,6 +75,8 @@ METHODS: Dict[str, Arm] = {
     "alice_casa": _pre("--casa"),                          # the paper's three terms (CASA is off by default)
     "alice_nocls": _pre("--no-cls", "--casa"),             # CASA + reconstruction
     "alice_norecon": _pre("--no-recon"),
+    # ablation at the long budget's schedule: the CLS term alone, no reconstruction through the decoder
+    "alice_norecon_nnunet": _pre(shares="alice_norecon", recipe="nnunet"),
     "alice_dinotemp": _pre("--teacher-temp", "0.07", "--warmup-teacher-temp", "0.04"),
     "alice_registration": _pre("--matcher", "registration"),
     "alice_embedding": _pre("--matcher", "embedding"),
