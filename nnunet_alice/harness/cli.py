@@ -37,7 +37,6 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from nnunet_alice.errors import AliceError, cli_main
@@ -45,7 +44,7 @@ from nnunet_alice.harness import report as bench_report
 from nnunet_alice.harness.config import (BENCH_TRAINERS, CONFIGURATION, CURVE_FILE, METHODS, Budget, FoldRegistry,
                                          check_budget, get_budget, resolve_arms, resolve_label_counts)
 from nnunet_alice.harness.report import _read_json, _write_json, read_summary
-from nnunet_alice.harness.runner import allow_new, stop_all, subprocess_runner
+from nnunet_alice.harness.runner import run_all, subprocess_runner
 from nnunet_alice.harness.workspace import BenchSetup, Runner, StepFailed
 from nnunet_alice.harness.steps import probe_available
 from nnunet_alice.trainers.recipe import LR_ENV
@@ -75,20 +74,7 @@ class Benchmark(BenchSetup):
         self.jobs, self._lock = int(jobs), threading.Lock()
 
     def _map(self, fn, items: list) -> list:
-        """``[fn(x) for x in items]``, ``jobs`` at a time; an interrupt stops every running command."""
-        if self.jobs == 1 or len(items) < 2:
-            return [fn(x) for x in items]
-        allow_new()
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            futures = [pool.submit(fn, x) for x in items]
-            try:
-                wait(futures, return_when=FIRST_EXCEPTION)
-                return [f.result() for f in futures]
-            except BaseException:  # an interrupt (main thread) or an unexpected error in a task
-                for f in futures:
-                    f.cancel()
-                stop_all()
-                raise
+        return run_all(fn, items, self.jobs)
 
     def arm(self, name: str):
         return self.arms.get(name) or METHODS[name]

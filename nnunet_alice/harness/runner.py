@@ -9,7 +9,11 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-from typing import Dict, List, Set, Tuple
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from typing import Callable, Dict, List, Set, Tuple, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 _LOCK = threading.Lock()
 _LIVE: Set[subprocess.Popen] = set()
@@ -36,6 +40,23 @@ def stop_all() -> None:
 def allow_new() -> None:
     with _LOCK:
         _STOPPING[0] = False
+
+
+def run_all(fn: Callable[[T], R], items: List[T], jobs: int) -> List[R]:
+    """``[fn(x) for x in items]``, ``jobs`` at a time; an interrupt or error stops every running command."""
+    if jobs == 1 or len(items) < 2:
+        return [fn(x) for x in items]
+    allow_new()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(fn, x) for x in items]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+            return [f.result() for f in futures]
+        except BaseException:  # an interrupt (main thread) or an unexpected error in a task
+            for f in futures:
+                f.cancel()
+            stop_all()
+            raise
 
 
 def subprocess_runner(argv: List[str], env: Dict[str, str], log_path: str) -> Tuple[int, str]:
