@@ -162,3 +162,25 @@ def test_report_pairs_the_speed_of_each_start_with_scratch():
     assert "+0.0 [+0.0, +0.0] (n=4)" in text.split("Paired difference in speed")[0]  # Dice: all four pairs
     assert "in speed" not in bench_report.markdown_table([{k: v for k, v in r.items() if k != "ema_dice_third"}
                                                            for r in rows])
+
+
+def test_plot_shows_the_paired_differences_the_tables_report(tmp_path):
+    pytest.importorskip("matplotlib")
+    table = [(0, 0.70, 0.71), (1, 0.60, 0.62), (2, 0.65, 0.71)]  # (seed, scratch, alice) at 1 label
+    rows = [{"method": m, "labels": 1, "seed": s, "status": "ok", "dice": d}
+            for s, a, c in table for m, d in (("scratch", a), ("alice", c))]
+    rows += [{"method": "scratch", "labels": 8, "seed": 0, "status": "ok", "dice": 0.8},
+             {"method": "alice", "labels": 8, "seed": 0, "status": "ok", "dice": 0.75}]
+    ((n1, mean, half, k), (n8, mean8, half8, k8)) = bench_report.paired_series(rows)["alice"]
+    assert (n1, k, n8, k8) == (1, 3, 8, 1)
+    assert mean == pytest.approx(3.0) and half == pytest.approx(4.303 * 7 ** 0.5 / 3 ** 0.5, rel=1e-3)
+    assert mean8 == pytest.approx(-5.0) and half8 != half8  # one seed: no interval
+    assert "scratch" not in bench_report.paired_series(rows)
+    import matplotlib.image
+
+    for name, rs in (("paired.png", rows), ("scratch_only.png", [r for r in rows if r["method"] == "scratch"])):
+        path = str(tmp_path / name)
+        assert bench_report.write_plot(path, rs, "t")
+        assert not os.path.exists(path + ".tmp.png")
+        width = matplotlib.image.imread(path).shape[1]
+        assert width == (1320 if name == "paired.png" else 720)  # two panels only when there is a paired arm

@@ -280,7 +280,14 @@ def write_markdown(path: str, rows: List[dict], budget, dataset: str, versus: Se
     os.replace(path + ".tmp", path)
 
 
-def write_plot(path: str, rows: List[dict], title: str = "") -> bool:
+def paired_series(rows: List[dict], baseline: str = BASELINE) -> Dict[str, List[tuple]]:
+    """method -> [(labels, mean, half width of the 95 % CI, n seeds)] of the paired Dice difference to ``baseline``."""
+    return {m: [(n, *paired_ci(per[n])) for n in sorted(per)] for m, per in paired_differences(rows, baseline).items()}
+
+
+def write_plot(path: str, rows: List[dict], title: str = "", baseline: str = BASELINE) -> bool:
+    """Left: mean ± sd Dice per arm (unpaired, each arm over its own seeds). Right, when any arm has a paired
+    baseline cell: the paired difference to ``baseline`` with its 95 % CI, the comparison the tables report."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -288,24 +295,43 @@ def write_plot(path: str, rows: List[dict], title: str = "") -> bool:
     except ImportError:
         return False
     agg = aggregate(rows)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    paired = paired_series(rows, baseline)
+    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(11 if paired else 6, 4), dpi=120, squeeze=False)
+    ax = axes[0][0]
+    colours = {m: f"C{i}" for i, m in enumerate(agg)}
     for method, per in agg.items():
         ns = [n for n in sorted(per) if per[n]["n"]]
         if not ns:
             continue
         mean = np.array([100 * per[n]["mean"] for n in ns])
         sd = np.array([100 * per[n]["sd"] for n in ns])
-        ax.errorbar(ns, mean, yerr=sd, marker="o", capsize=4, label=method)
-        ax.fill_between(ns, mean - sd, mean + sd, alpha=0.12)
-    ax.set_xscale("log", base=2)
+        ax.errorbar(ns, mean, yerr=sd, marker="o", capsize=4, label=method, color=colours[method])
+        ax.fill_between(ns, mean - sd, mean + sd, alpha=0.12, color=colours[method])
     all_n = sorted({n for per in agg.values() for n in per})
-    ax.set_xticks(all_n)
-    ax.set_xticklabels([str(n) for n in all_n])
-    ax.set_xlabel("labelled training cases")
     ax.set_ylabel("mean foreground Dice (× 100)")
     ax.set_title("\n".join(textwrap.wrap(title, 60)), fontsize=9)  # a long list of seeds must not run off the figure
-    ax.grid(alpha=0.3)
     ax.legend()
+    if paired:
+        bx = axes[0][1]
+        bx.axhline(0.0, color="k", lw=0.8)
+        for i, (method, series) in enumerate(paired.items()):
+            shift = 2 ** (0.08 * (i - (len(paired) - 1) / 2))  # side by side on the log axis
+            xs = [n * shift for n, *_ in series]
+            ys = [m for _, m, _, _ in series]
+            err = [h if math.isfinite(h) else 0.0 for _, _, h, _ in series]
+            bx.errorbar(xs, ys, yerr=err, marker="o", capsize=4, ls="none", color=colours.get(method),
+                        label=method)
+            for x, y, (_, _, _, k) in zip(xs, ys, series):
+                bx.annotate(f"n={k}", (x, y), textcoords="offset points", xytext=(5, -3), fontsize=7)
+        bx.set_ylabel(f"paired difference to {baseline}, Dice (× 100)")
+        bx.set_title("paired by seed: mean and 95 % CI over seeds (n = seeds; no bar: n = 1)", fontsize=9)
+        bx.legend(fontsize=8)
+    for axis in axes[0]:
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(all_n)
+        axis.set_xticklabels([str(n) for n in all_n])
+        axis.set_xlabel("labelled training cases")
+        axis.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path + ".tmp.png")
     plt.close(fig)
