@@ -199,3 +199,19 @@ def test_norecon_ablation_arm_pretrains_without_reconstruction(fake_env):
     trains = [env for argv, env in runner.calls if argv[0] == "nnUNetv2_train"]
     assert {e["nnUNet_alice_bench_recipe"] for e in trains} == {"nnunet"}
     assert all(e["nnUNet_alice_pretrained"] != "none" for e in trains)
+
+
+def test_x4_arm_pretrains_four_times_the_budgets_steps(fake_env):
+    """``alice_x4_nnunet``: one pretraining under the ``alice_x4`` name with four times the budget's steps and the
+    default objective; the cells fine-tune from it under nnU-Net's schedule. ``alice`` keeps the budget's steps."""
+    runner = FakeRunner()
+    budget = get_budget("long", labels=["1"], seeds=[0])
+    b = Benchmark("993", budget, methods=["alice_nnunet", "alice_x4_nnunet"], runner=runner, echo=lambda s: None)
+    rows = b.run()
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    steps = {os.path.basename(os.path.dirname(env["nnUNet_results"])): int(argv[argv.index("--steps") + 1])
+             for argv, env in runner.calls if argv[0] == "alice_pretrain"}
+    assert steps == {"alice": budget.pretrain_steps, "alice_x4": 4 * budget.pretrain_steps}
+    assert b.pretrain_key("alice_x4_nnunet") == "alice_x4"
+    trains = [env for argv, env in runner.calls if argv[0] == "nnUNetv2_train"]
+    assert {e["nnUNet_alice_bench_recipe"] for e in trains} == {"nnunet"}

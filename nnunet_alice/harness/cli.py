@@ -112,8 +112,9 @@ class Benchmark(BenchSetup):
         timing = os.path.join(root, "time.json")
         if os.path.isfile(ckpt):
             return ckpt, _read_json(timing).get("seconds", float("nan"))
+        steps = b.pretrain_steps * self.arm(key).steps_factor
         argv = ["alice_pretrain", "-d", str(self.dataset_id), "-p", self.plans, "-c", CONFIGURATION,
-                "-device", b.device, "--steps", str(b.pretrain_steps), "--log-every", "10",
+                "-device", b.device, "--steps", str(steps), "--log-every", "10",
                 "--seed", str(init_seed), "--init-weights", self.init_file(init_seed)]
         if b.pretrain_batch:
             argv += ["--batch-size", str(b.pretrain_batch)]

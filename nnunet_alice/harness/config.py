@@ -38,7 +38,8 @@ class Arm:
     steps through the same loading path, ``none``: nothing); ``recipe``: ``pretrained`` (peak 1e-3,
     per-iteration warm-up, poly) or ``nnunet`` (nnU-Net's own schedule, SGD 1e-2); ``load_scope``: ``encoder``
     or ``all``; ``schedule``: ``default``, ``sawtooth`` or ``encLR`` (the encoder at 0.1 x the decoder's rate);
-    ``lr``: the peak learning rate of the ``pretrained`` recipe (``None``: the recipe's, 1e-3).
+    ``lr``: the peak learning rate of the ``pretrained`` recipe (``None``: the recipe's, 1e-3);
+    ``steps_factor``: its pretraining runs this many times the budget's ``pretrain_steps``.
     """
 
     pretrain: Optional[List[str]] = None
@@ -48,6 +49,7 @@ class Arm:
     load_scope: str = "encoder"
     schedule: str = "default"
     lr: Optional[float] = None
+    steps_factor: int = 1
 
     @property
     def pretrained(self) -> bool:
@@ -77,6 +79,9 @@ METHODS: Dict[str, Arm] = {
     "alice_norecon": _pre("--no-recon"),
     # ablation at the long budget's schedule: the CLS term alone, no reconstruction through the decoder
     "alice_norecon_nnunet": _pre(shares="alice_norecon", recipe="nnunet"),
+    # the same pretraining four times as long: does more pretraining move the fine-tuned Dice?
+    "alice_x4": _pre(steps_factor=4),
+    "alice_x4_nnunet": _pre(shares="alice_x4", recipe="nnunet"),
     "alice_dinotemp": _pre("--teacher-temp", "0.07", "--warmup-teacher-temp", "0.04"),
     "alice_registration": _pre("--matcher", "registration"),
     "alice_embedding": _pre("--matcher", "embedding"),
