@@ -87,6 +87,25 @@ def test_encoder_lr_arms_pass_their_peak_and_schedule(fake_env, monkeypatch):
     assert sentence in Path(b.out, "results.md").read_text()
 
 
+def test_sawtooth_arm_at_nnunets_peak(fake_env, monkeypatch):
+    """alice_sawtooth_1e2 fine-tunes alice's checkpoint under the sawtooth trainer at peak 1e-2 (no second
+    pretraining); alice_sawtooth keeps the recipe's own peak; the report names the schedule and the peak."""
+    monkeypatch.delenv("nnUNet_alice_lr", raising=False)
+    runner = FakeRunner()
+    b = bench(runner, methods=("alice", "alice_sawtooth", "alice_sawtooth_1e2"), labels=("1",), seeds=(0,))
+    rows = b.run()
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert len([argv for argv, _ in runner.calls if argv[0] == "alice_pretrain"]) == 1
+    trains = {cell_method(env): (argv, env) for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
+    for m in ("alice_sawtooth", "alice_sawtooth_1e2"):
+        assert arg(trains[m][0], "-tr") == "nnUNetTrainerAlice_sawtooth_bench"
+        assert trains[m][1]["nnUNet_alice_pretrained"] == trains["alice"][1]["nnUNet_alice_pretrained"]
+    assert trains["alice_sawtooth_1e2"][1]["nnUNet_alice_lr"] == "0.01"
+    assert "nnUNet_alice_lr" not in trains["alice_sawtooth"][1]
+    part, = (p for p in bench_report.recipes_sentence(rows).split(";") if "`alice_sawtooth_1e2`" in p)
+    assert "peak 0.01" in part and "sawtooth" in part and "`alice_sawtooth`" not in part
+
+
 def test_one_pretraining_per_arm_when_the_budget_says_so(fake_env):
     runner = FakeRunner()
     budget = get_budget("tiny", labels=["1"], seeds=[0, 1, 2], pretrain_per_seed=False)

@@ -67,6 +67,8 @@ METHODS: Dict[str, Arm] = {
     "alice": _pre(),
     "alice_all": _pre(shares="alice", load_scope="all"),   # the alice checkpoint, encoder + decoder loaded
     "alice_sawtooth": _pre(shares="alice", schedule="sawtooth"),
+    # the OpenMind benchmark's best CNN schedule at nnU-Net's peak rate: decoder alone first, then everything
+    "alice_sawtooth_1e2": _pre(shares="alice", schedule="sawtooth", lr=1e-2),
     "alice_nnunet": _pre(shares="alice", recipe="nnunet"),  # the alice checkpoint under nnU-Net's own schedule
     # the decoder at nnU-Net's rate, the pretrained encoder at a tenth of it (warm-up + poly per iteration)
     "alice_enclr": _pre(shares="alice", schedule="encLR", lr=1e-2),
