@@ -62,6 +62,26 @@ def test_pretrained_arm_under_nnunets_schedule_shares_the_checkpoint(fake_env):
     assert sentence in Path(b.out, "results.md").read_text()
 
 
+def test_whole_network_arm_under_nnunets_schedule(fake_env):
+    """alice_all_nnunet is stock nnU-Net's -pretrained_weights: alice's checkpoint, encoder + decoder loaded,
+    nnU-Net's own schedule, no second pretraining; the recipes sentence tells it apart from alice_nnunet."""
+    runner = FakeRunner()
+    b = bench(runner, methods=("scratch", "alice", "alice_nnunet", "alice_all_nnunet"), labels=("1",), seeds=(0,))
+    rows = b.run()
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert len([argv for argv, _ in runner.calls if argv[0] == "alice_pretrain"]) == 1
+    trains = {cell_method(env): (argv, env) for argv, env in runner.calls if argv[0] == "nnUNetv2_train"}
+    ours, encoder_only = trains["alice_all_nnunet"][1], trains["alice_nnunet"][1]
+    assert ours["nnUNet_alice_pretrained"] == encoder_only["nnUNet_alice_pretrained"] == b.checkpoint("alice", 0)
+    assert (ours["nnUNet_alice_load"], encoder_only["nnUNet_alice_load"]) == ("all", "encoder")
+    assert ours["nnUNet_alice_bench_recipe"] == "nnunet" and arg(trains["alice_all_nnunet"][0], "-tr") == \
+        "nnUNetTrainerAlice_bench"
+    parts = bench_report.recipes_sentence(rows).split(";")
+    whole, = (p for p in parts if "`alice_all_nnunet`" in p)
+    assert "nnU-Net's own schedule" in whole and "encoder + decoder loaded" in whole and "`alice_nnunet`" not in whole
+    assert any("`alice_nnunet`" in p and "`scratch`" in p and "decoder loaded" not in p for p in parts)
+
+
 def test_encoder_lr_arms_pass_their_peak_and_schedule(fake_env, monkeypatch):
     """alice_enclr reuses alice's checkpoint under the encoder-LR trainer at peak 1e-2; scratch_enclr is its
     from-scratch control; arms without a peak of their own leave the recipe's; results.md names both recipes."""

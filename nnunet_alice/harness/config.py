@@ -70,6 +70,8 @@ METHODS: Dict[str, Arm] = {
     # the OpenMind benchmark's best CNN schedule at nnU-Net's peak rate: decoder alone first, then everything
     "alice_sawtooth_1e2": _pre(shares="alice", schedule="sawtooth", lr=1e-2),
     "alice_nnunet": _pre(shares="alice", recipe="nnunet"),  # the alice checkpoint under nnU-Net's own schedule
+    # what stock nnU-Net's -pretrained_weights does: encoder + decoder loaded, nnU-Net's own schedule
+    "alice_all_nnunet": _pre(shares="alice", recipe="nnunet", load_scope="all"),
     # the decoder at nnU-Net's rate, the pretrained encoder at a tenth of it (warm-up + poly per iteration)
     "alice_enclr": _pre(shares="alice", schedule="encLR", lr=1e-2),
     "scratch_enclr": Arm(start="none", schedule="encLR", lr=1e-2),  # control: the same schedule from scratch

@@ -234,13 +234,16 @@ SCHEDULE_TEXT = {"sawtooth": "sawtooth: decoder only first", "encLR": "encoder a
 
 
 def recipe_text(row: dict) -> str:
-    """How a row's cell was fine-tuned, in words: its recipe, peak learning rate and schedule."""
+    """How a row's cell was fine-tuned, in words: its recipe, peak learning rate, schedule and, when the decoder
+    was loaded too, the load scope."""
     recipe, lr, schedule = str(row.get("recipe") or "unknown"), row.get("peak_lr"), row.get("schedule") or "default"
     name, settings = RECIPE_TEXT.get(recipe, (recipe, []))
     peak = f"{float(lr):g}" if lr not in (None, "") else "1e-3"  # the recipe's default (trainers.recipe)
     parts = [x.format(peak=peak) for x in settings]
     if schedule != "default":
         parts.append(SCHEDULE_TEXT.get(schedule, schedule))
+    if row.get("load_scope") == "all":
+        parts.append("encoder + decoder loaded")
     return f"{name} ({', '.join(parts)})" if parts else name
 
 
