@@ -15,15 +15,15 @@ from alice_trainer_utils import make_trainer, synthetic_batch, write_malicious_c
 from nnunet_alice.pretrain.model import unwrap
 from nnunet_alice.trainers import (nnUNetTrainerAlice, nnUNetTrainerAlice_150epochs, nnUNetTrainerAlice_encLR_tiny,
                                    nnUNetTrainerAlice_frozenEncoder, nnUNetTrainerAlice_frozenEncoder_tiny,
-                                   nnUNetTrainerAlice_sawtooth, nnUNetTrainerAlice_sawtooth_tiny,
-                                   nnUNetTrainerAlice_tiny)
+                                   nnUNetTrainerAlice_nnUNetSchedule, nnUNetTrainerAlice_sawtooth,
+                                   nnUNetTrainerAlice_sawtooth_tiny, nnUNetTrainerAlice_tiny)
 from nnunet_alice.trainers.recipe import PerIterationLR, short_run_note, warmup_iterations, warmup_poly
 
 trainer_box = alice_trainer_utils.trainer_box  # the module-scoped fixture, found by pytest by this name
 
 NEW = ["nnUNetTrainerAlice_150epochs", "nnUNetTrainerAlice_sawtooth", "nnUNetTrainerAlice_sawtooth_150epochs",
        "nnUNetTrainerAlice_sawtooth_tiny", "nnUNetTrainerAlice_frozenEncoder", "nnUNetTrainerAlice_frozenEncoder_tiny",
-       "nnUNetTrainerAlice_encLR", "nnUNetTrainerAlice_encLR_tiny"]
+       "nnUNetTrainerAlice_encLR", "nnUNetTrainerAlice_encLR_tiny", "nnUNetTrainerAlice_nnUNetSchedule"]
 
 
 # ---------------------------------------------------------------------------------------------- pure schedule
@@ -243,6 +243,47 @@ def test_nnunet_recipe_is_nnunets_own_schedule(trainer_box, monkeypatch, tmp_pat
             t.train_step(synthetic_batch(t))
             lrs.append(t.optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx([1e-2 * (1 - e / 3) ** 0.9 for e in (0, 0, 1, 1, 2, 2)])
+
+
+def test_pretrained_encoder_under_nnunets_schedule(trainer_box, monkeypatch, tmp_path):
+    """``nnUNetTrainerAlice_nnUNetSchedule``: nnU-Net's SGD 1e-2 and per-epoch poly, the encoder loaded, not the
+    decoder; a peak the user sets wins over 1e-2."""
+    from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+
+    box, ckpt = trainer_box
+    t = make_trainer(nnUNetTrainerAlice_nnUNetSchedule, box, monkeypatch, pretrained=ckpt, results=tmp_path / "r")
+    t.num_epochs, t.num_iterations_per_epoch = 3, 2
+    t.initialize()
+    assert isinstance(t.lr_scheduler, PolyLRScheduler) and t.initial_lr == 1e-2 and t.load_scope == "encoder"
+    g = t.optimizer.param_groups[0]
+    assert (g["momentum"], g["nesterov"], g["weight_decay"]) == (0.99, True, 3e-5)
+    net = unwrap(t.network)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    t.load_alice_weights()
+    t.log_recipe()
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["network_weights"]
+    after = net.state_dict()
+    enc = [k for k in after if k.startswith("encoder.") and after[k].is_floating_point()]
+    dec = [k for k in after if k.startswith("decoder.") and not k.startswith("decoder.encoder.")
+           and after[k].is_floating_point()]
+    assert enc and dec
+    assert all(torch.equal(after[k], saved[k]) for k in enc)                       # encoder from the checkpoint
+    assert all(torch.equal(after[k], before[k]) for k in dec)                      # decoder keeps its init
+    assert any(not torch.equal(saved[k], before[k]) for k in dec)                  # ... which differs from the file
+    lrs = []
+    for epoch in range(3):
+        t.current_epoch = epoch
+        t.on_train_epoch_start()
+        for _ in range(2):
+            t.train_step(synthetic_batch(t))
+            lrs.append(t.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1e-2 * (1 - e / 3) ** 0.9 for e in (0, 0, 1, 1, 2, 2)])
+    log = open(t.log_file).read()
+    assert "Alice: nnU-Net's own schedule: SGD at 0.01 (nnU-Net's default)" in log and "load scope encoder" in log
+
+    monkeypatch.setenv("nnUNet_alice_lr", "5e-3")
+    u = make_trainer(nnUNetTrainerAlice_nnUNetSchedule, box, monkeypatch, results=tmp_path / "u")
+    assert (u.initial_lr, u.lr_source, u.recipe) == (5e-3, "nnUNet_alice_lr", "nnunet")
 
 
 def test_benchmark_encoder_lr_arm_runs_the_decoder_at_the_peak_from_the_environment(trainer_box, monkeypatch,

@@ -38,6 +38,7 @@ from nnunet_alice.env import getenv
 from nnunet_alice.errors import AliceError
 from nnunet_alice.harness.config import CURVE_FILE
 from nnunet_alice.trainers.alice import NNUNET, PRETRAINED, nnUNetTrainerAlice
+from nnunet_alice.trainers.recipe import NNUNET_LR
 from nnunet_alice.trainers.variants import _EncoderLRMixin, _SawtoothMixin
 
 ENV_EPOCHS = "nnUNet_alice_bench_epochs"
@@ -47,7 +48,6 @@ ENV_SEED = "nnUNet_alice_bench_seed"
 ENV_RECIPE = "nnUNet_alice_bench_recipe"
 ENV_INIT = "nnUNet_alice_bench_init"
 ENV_FINAL_VAL = "nnUNet_alice_bench_final_val"
-NNUNET_DEFAULT_LR = 1e-2  # nnUNetTrainer.initial_lr
 
 
 def _env_int(name: str, default):
@@ -101,7 +101,7 @@ class _BenchMixin:
                 raise AliceError(f"environment variable {ENV_RECIPE} must be {PRETRAINED} or {NNUNET}, got {recipe!r}")
         self.recipe = recipe
         if recipe == NNUNET:
-            self.initial_lr, self.lr_source = NNUNET_DEFAULT_LR, "nnU-Net's default"
+            self.initial_lr, self.lr_source = NNUNET_LR, "nnU-Net's default"
         self.bench_init = (getenv(ENV_INIT) or "").strip() or None
         self.bench_final_validation = (getenv(ENV_FINAL_VAL) or "0").strip() == "1"
 

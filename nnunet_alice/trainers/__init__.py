@@ -6,7 +6,8 @@ from nnunet_alice.trainers.variants import (nnUNetTrainerAlice_1epoch, nnUNetTra
                                             nnUNetTrainerAlice_150epochs, nnUNetTrainerAlice_250epochs,
                                             nnUNetTrainerAlice_500epochs, nnUNetTrainerAlice_encLR,
                                             nnUNetTrainerAlice_encLR_tiny, nnUNetTrainerAlice_frozenEncoder,
-                                            nnUNetTrainerAlice_frozenEncoder_tiny, nnUNetTrainerAlice_sawtooth,
+                                            nnUNetTrainerAlice_frozenEncoder_tiny, nnUNetTrainerAlice_nnUNetSchedule,
+                                            nnUNetTrainerAlice_sawtooth,
                                             nnUNetTrainerAlice_sawtooth_150epochs, nnUNetTrainerAlice_sawtooth_tiny,
                                             nnUNetTrainerAlice_tiny)
 
@@ -16,4 +17,4 @@ __all__ = ["nnUNetTrainerAlice", "nnUNetTrainerAlice_1epoch", "nnUNetTrainerAlic
            "nnUNetTrainerAlice_500epochs", "nnUNetTrainerAlice_tiny", "nnUNetTrainerAlice_sawtooth",
            "nnUNetTrainerAlice_sawtooth_150epochs", "nnUNetTrainerAlice_sawtooth_tiny",
            "nnUNetTrainerAlice_frozenEncoder", "nnUNetTrainerAlice_frozenEncoder_tiny",
-           "nnUNetTrainerAlice_encLR", "nnUNetTrainerAlice_encLR_tiny"]
+           "nnUNetTrainerAlice_encLR", "nnUNetTrainerAlice_encLR_tiny", "nnUNetTrainerAlice_nnUNetSchedule"]

@@ -128,8 +128,9 @@ class nnUNetTrainerAlice(nnUNetTrainer):
     def log_recipe(self) -> None:
         run = f"{self.num_epochs} epochs x {self.num_iterations_per_epoch} iterations"
         if self.recipe == NNUNET:
-            self.print_to_log_file(f"Alice: nnU-Net's own schedule: SGD at {self.initial_lr:g}, poly decay per "
-                                   f"epoch, no warm-up ({run})")
+            self.print_to_log_file(f"Alice: nnU-Net's own schedule: SGD at {self.initial_lr:g} ({self.lr_source}), "
+                                   f"poly decay per epoch, no warm-up ({run}); load scope {self.load_scope} "
+                                   f"({self.load_scope_source})")
             return
         self.print_to_log_file(f"Alice: recipe for pretrained weights: SGD (momentum 0.99, Nesterov, weight decay "
                                f"{self.weight_decay:g}), peak learning rate {self.initial_lr:g} ({self.lr_source}), "

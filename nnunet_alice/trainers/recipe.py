@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional
 from nnunet_alice.errors import AliceError
 
 DEFAULT_LR = 1e-3
+NNUNET_LR = 1e-2  # nnUNetTrainer.initial_lr: nnU-Net's own schedule from scratch
 LR_ENV, LR_PLANS_KEY = "nnUNet_alice_lr", "alice_lr"
 LOAD_ENV, LOAD_PLANS_KEY = "nnUNet_alice_load", "alice_load_scope"
 LOAD_SCOPES = ("encoder", "all")
@@ -37,7 +38,8 @@ def short_run_note(total_iterations: int, lr_source: str) -> Optional[str]:
         return None
     return (f"Alice: note: {total_iterations} iterations is short for the default peak {DEFAULT_LR:g} (the recipe "
             f"comes from runs of 150-1000 epochs); in 1,000-iteration runs on the demo, nnU-Net's own 1e-2 did "
-            f"better: try {LR_ENV}=1e-2 and compare with plain nnUNetTrainer (docs/finetuning.md)")
+            f"better: try -tr nnUNetTrainerAlice_nnUNetSchedule (nnU-Net's own schedule, encoder loaded) or "
+            f"{LR_ENV}=1e-2 (docs/finetuning.md)")
 
 
 def _setting(plans: dict, env: str, key: str):

@@ -14,6 +14,8 @@ iterations and ``T`` all training iterations:
   ``unfreeze_ramp_iterations`` (default ``W``).
 * ``nnUNetTrainerAlice_encLR``: the encoder always trains at ``encoder_lr_factor`` (0.1) times the decoder's
   learning rate.
+* ``nnUNetTrainerAlice_nnUNetSchedule``: the pretrained weights (the load scope, ``encoder`` by default) under
+  nnU-Net's own from-scratch schedule: its optimizer at 1e-2, poly decay stepped per epoch, no warm-up.
 
 All keep every parameter in one SGD optimizer with two parameter groups (group 0: decoder and segmentation
 layers, the one nnU-Net logs; group 1: stem + encoder) for the whole run, so ``--c`` restores them unchanged.
@@ -27,8 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from nnunet_alice.pretrain.model import unwrap
-from nnunet_alice.trainers.alice import nnUNetTrainerAlice
-from nnunet_alice.trainers.recipe import warmup_poly
+from nnunet_alice.trainers.alice import NNUNET, nnUNetTrainerAlice
+from nnunet_alice.trainers.recipe import NNUNET_LR, warmup_poly
 
 
 # ---------------------------------------------------------------------------------------- run lengths
@@ -160,6 +162,22 @@ class nnUNetTrainerAlice_frozenEncoder(_FrozenEncoderMixin, nnUNetTrainerAlice):
 
 class nnUNetTrainerAlice_encLR(_EncoderLRMixin, nnUNetTrainerAlice):
     """Encoder at 0.1 x the decoder's learning rate throughout."""
+
+
+class nnUNetTrainerAlice_nnUNetSchedule(nnUNetTrainerAlice):
+    """Pretrained weights, nnU-Net's own schedule (``nnUNetTrainer``'s SGD at 1e-2, poly per epoch, no warm-up).
+
+    What stock ``nnUNetv2_train -pretrained_weights`` trains with, but loading the load scope (stem + encoder by
+    default) instead of encoder and decoder. On the CPU demo this was the best schedule measured for a pretrained
+    encoder, and loading the decoder too cost Dice (docs/results.md, arms ``alice_nnunet``, ``alice_all_nnunet``).
+    A peak set with ``nnUNet_alice_lr`` or the plans' ``alice_lr`` replaces 1e-2."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.recipe = NNUNET
+        if self.lr_source == "default":
+            self.initial_lr, self.lr_source = NNUNET_LR, "nnU-Net's default"
 
 
 class nnUNetTrainerAlice_sawtooth_tiny(_SawtoothMixin, nnUNetTrainerAlice_tiny):
