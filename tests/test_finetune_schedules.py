@@ -223,6 +223,18 @@ def test_encoder_learning_rate_is_a_fixed_fraction(tiny):
         assert x["encoder"] == pytest.approx(0.1 * x["decoder"]) and x["decoder"] > 0
 
 
+def assert_nnunets_per_epoch_poly(t, epochs=3, iterations=2):
+    """Real training steps through nnU-Net's epoch hooks: 1e-2 · (1 − epoch / epochs)^0.9, constant within an epoch."""
+    lrs = []
+    for epoch in range(epochs):
+        t.current_epoch = epoch
+        t.on_train_epoch_start()
+        for _ in range(iterations):
+            t.train_step(synthetic_batch(t))
+            lrs.append(t.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([1e-2 * (1 - e / epochs) ** 0.9 for e in range(epochs) for _ in range(iterations)])
+
+
 def test_nnunet_recipe_is_nnunets_own_schedule(trainer_box, monkeypatch, tmp_path):
     """The benchmark's scratch arm: nnUNetTrainer's SGD 1e-2 and per-epoch poly, no warm-up."""
     from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
@@ -235,14 +247,7 @@ def test_nnunet_recipe_is_nnunets_own_schedule(trainer_box, monkeypatch, tmp_pat
     t = make_trainer(nnUNetTrainerAlice_bench, box, monkeypatch, results=tmp_path / "r")
     t.initialize()
     assert isinstance(t.lr_scheduler, PolyLRScheduler) and t.initial_lr == 1e-2
-    lrs = []
-    for epoch in range(3):
-        t.current_epoch = epoch
-        t.on_train_epoch_start()
-        for _ in range(2):
-            t.train_step(synthetic_batch(t))
-            lrs.append(t.optimizer.param_groups[0]["lr"])
-    assert lrs == pytest.approx([1e-2 * (1 - e / 3) ** 0.9 for e in (0, 0, 1, 1, 2, 2)])
+    assert_nnunets_per_epoch_poly(t)
 
 
 def test_pretrained_encoder_under_nnunets_schedule(trainer_box, monkeypatch, tmp_path):
@@ -270,14 +275,7 @@ def test_pretrained_encoder_under_nnunets_schedule(trainer_box, monkeypatch, tmp
     assert all(torch.equal(after[k], saved[k]) for k in enc)                       # encoder from the checkpoint
     assert all(torch.equal(after[k], before[k]) for k in dec)                      # decoder keeps its init
     assert any(not torch.equal(saved[k], before[k]) for k in dec)                  # ... which differs from the file
-    lrs = []
-    for epoch in range(3):
-        t.current_epoch = epoch
-        t.on_train_epoch_start()
-        for _ in range(2):
-            t.train_step(synthetic_batch(t))
-            lrs.append(t.optimizer.param_groups[0]["lr"])
-    assert lrs == pytest.approx([1e-2 * (1 - e / 3) ** 0.9 for e in (0, 0, 1, 1, 2, 2)])
+    assert_nnunets_per_epoch_poly(t)
     log = open(t.log_file).read()
     assert "Alice: nnU-Net's own schedule: SGD at 0.01 (nnU-Net's default)" in log and "load scope encoder" in log
 
