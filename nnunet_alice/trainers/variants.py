@@ -17,8 +17,9 @@ iterations and ``T`` all training iterations:
 * ``nnUNetTrainerAlice_nnUNetSchedule``: the pretrained weights (the load scope, ``encoder`` by default) under
   nnU-Net's own from-scratch schedule: its optimizer at 1e-2, poly decay stepped per epoch, no warm-up.
 
-All keep every parameter in one SGD optimizer with two parameter groups (group 0: decoder and segmentation
-layers, the one nnU-Net logs; group 1: stem + encoder) for the whole run, so ``--c`` restores them unchanged.
+The sawtooth, frozen-encoder and encoder-LR schedules keep every parameter in one SGD optimizer with two
+parameter groups (group 0: decoder and segmentation layers, the one nnU-Net logs; group 1: stem + encoder) for
+the whole run, so ``--c`` restores them unchanged; ``_nnUNetSchedule`` uses nnU-Net's own optimizer and scheduler.
 A group at learning rate 0 is frozen (``nnUNetTrainerAlice.on_lr_change``: ``requires_grad=False`` outside
 DDP, momentum dropped when it is unfrozen).
 """
